@@ -1,0 +1,174 @@
+"""The export contract between `training` and `service`: the schema of `model.json`.
+
+The service validates every manifest against this schema and refuses anything else; `training`
+imports it to write manifests, so the two cannot drift. Bump SCHEMA_VERSION on any breaking change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "model.json"
+ENCODER_TS, DECODER_TS = "encoder.pt", "decoder.pt"
+ENCODER_ONNX, DECODER_ONNX = "encoder.onnx", "decoder.onnx"
+WEIGHTS_FILE = "weights.safetensors"
+REQUIRED_FILES = (ENCODER_TS, DECODER_TS, ENCODER_ONNX, DECODER_ONNX, WEIGHTS_FILE)
+GraphName = Literal["encoder", "decoder"]
+RuntimeName = Literal["torchscript", "onnx"]
+GRAPH_FILES: dict[tuple[GraphName, RuntimeName], str] = {
+    ("encoder", "torchscript"): ENCODER_TS,
+    ("decoder", "torchscript"): DECODER_TS,
+    ("encoder", "onnx"): ENCODER_ONNX,
+    ("decoder", "onnx"): DECODER_ONNX,
+}
+PARITY_TOLERANCE = 1e-4
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preprocessing(Strict):
+    """x_model = (x_raw - shift) / scale; each list has one entry per feature, or one shared entry."""
+
+    kind: Literal["scale", "standardize", "minmax"]
+    shift: list[Finite] = Field(min_length=1)
+    scale: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(min_length=1)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self.shift, dtype=np.float32), np.asarray(self.scale, dtype=np.float32)
+
+
+class ParityCheck(Strict):
+    """One comparison of an exported graph against the eager model."""
+
+    graph: Literal["encoder", "decoder"]
+    runtime: Literal["torchscript", "onnx"]
+    inputs: Literal["validation", "random"]
+    batch_size: int = Field(ge=1)
+    max_abs_diff: Finite = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _within_tolerance(self) -> ParityCheck:
+        if self.max_abs_diff > PARITY_TOLERANCE:
+            raise ValueError(f"{self.graph}/{self.runtime} parity {self.max_abs_diff:.2e} exceeds {PARITY_TOLERANCE}")
+        return self
+
+
+class Calibration(Strict):
+    """Quantiles of per-row anomaly scores on held-out rows (pyod's threshold_ convention).
+
+    `levels[i]` of the held-out rows scored at most `values[i]`; higher scores are more anomalous.
+    """
+
+    score: Literal["negative_elbo"] = "negative_elbo"
+    samples: int = Field(ge=1)
+    seed: int
+    n_rows: int = Field(ge=1)
+    levels: list[Annotated[float, Field(ge=0, le=1)]] = Field(min_length=2)
+    values: list[Finite] = Field(min_length=2)
+    threshold_level: float = Field(gt=0, lt=1)
+    threshold: Finite
+
+    @model_validator(mode="after")
+    def _monotone(self) -> Calibration:
+        if len(self.levels) != len(self.values):
+            raise ValueError("calibration levels and values differ in length")
+        if any(b < a for a, b in zip(self.levels, self.levels[1:], strict=False)):
+            raise ValueError("calibration levels must increase")
+        if any(b < a for a, b in zip(self.values, self.values[1:], strict=False)):
+            raise ValueError("calibration values must not decrease")
+        return self
+
+    def percentile(self, scores: np.ndarray) -> np.ndarray:
+        """Share of held-out rows scoring at most each score, 0..100 (interpolated)."""
+        return 100.0 * np.interp(scores, self.values, self.levels)
+
+
+class Manifest(Strict):
+    schema_version: Literal[1]
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    created_at: datetime
+    input_shape: list[int] = Field(min_length=1)
+    latent_dim: int = Field(ge=1)
+    likelihood: Literal["bernoulli", "gaussian"]
+    decoder_logvar: Finite | None = None
+    preprocessing: Preprocessing
+    feature_names: list[str] | None = None
+    architecture: dict[str, Any]
+    training: dict[str, Any]
+    metrics: dict[str, Finite]
+    parity: list[ParityCheck] = Field(min_length=1)
+    calibration: Calibration
+    files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if any(d < 1 for d in self.input_shape):
+            raise ValueError(f"input_shape must be positive, got {self.input_shape}")
+        for field_name in ("shift", "scale"):
+            n = len(getattr(self.preprocessing, field_name))
+            if n not in (1, self.input_dim):
+                raise ValueError(f"preprocessing.{field_name} has {n} entries; expected 1 or {self.input_dim}")
+        if self.feature_names is not None and len(self.feature_names) != self.input_dim:
+            raise ValueError(f"feature_names has {len(self.feature_names)} names for {self.input_dim} features")
+        if self.likelihood == "gaussian" and self.decoder_logvar is None:
+            raise ValueError("a gaussian model needs decoder_logvar")
+        missing = [f for f in REQUIRED_FILES if f not in self.files]
+        if missing:
+            raise ValueError(f"files is missing {missing}")
+        for f in self.files:
+            if "/" in f or "\\" in f or f.startswith(".") or f == MANIFEST_FILE:
+                raise ValueError(f"files may only name plain files beside model.json, got {f!r}")
+        return self
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ManifestError(ValueError):
+    """A model folder that must not be served: bad schema, missing or altered files."""
+
+
+def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
+    """Parse `folder/model.json` and check every listed file's sha256."""
+    path = folder / MANIFEST_FILE
+    try:
+        manifest = Manifest.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: no manifest") from None
+    except ValueError as e:
+        raise ManifestError(f"{path}: invalid manifest: {e}") from None
+    if verify:
+        for name, digest in manifest.files.items():
+            file = folder / name
+            if not file.is_file():
+                raise ManifestError(f"{folder}: {name} is listed in the manifest but missing")
+            if sha256_of(file) != digest:
+                raise ManifestError(f"{folder}: {name} does not match its sha256 in the manifest")
+    return manifest
+
+
+def json_schema() -> dict[str, Any]:
+    return Manifest.model_json_schema()

@@ -1,0 +1,76 @@
+"""Anomaly scores from exported-graph outputs, in numpy (shared by the service and by export).
+
+Vocabulary (pyod's): a higher score is more anomalous. The score is the negative ELBO in nats per
+row or, with K > 1 samples, the importance-weighted estimate of -log p(x). Noise comes from one
+fixed seed shared by every row (common random numbers), so a row always gets the same score,
+whatever else is in its request or batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LOG_2PI = math.log(2.0 * math.pi)
+PROB_EPS = 1e-7  # decoders export probabilities; clip so log(0) cannot occur
+
+
+def common_noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
+    """eps ~ N(0, I), [K, L], float32: the same for every row scored with this seed."""
+    return np.random.default_rng(seed).standard_normal((samples, latent_dim)).astype(np.float32)
+
+
+def _per_row(eps: np.ndarray) -> np.ndarray:
+    """Noise is [K, L] (shared by every row) or [N, K, L] (one draw per row)."""
+    return eps[None] if eps.ndim == 2 else eps
+
+
+def sample_latents(mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """z [N*K, L]: row i's K samples are rows i*K .. i*K+K-1."""
+    std = np.exp(0.5 * logvar)
+    z = mean[:, None, :] + std[:, None, :] * _per_row(eps)
+    return z.reshape(-1, mean.shape[1]).astype(np.float32)
+
+
+def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
+                   decoder_logvar: float | None) -> np.ndarray:
+    """log p(x | z) summed over features, nats; x [M, D], output [M, D] (probabilities or mean)."""
+    x = x.astype(np.float64)
+    out = output.astype(np.float64)
+    if likelihood == "bernoulli":
+        p = np.clip(out, PROB_EPS, 1.0 - PROB_EPS)
+        return np.sum(x * np.log(p) + (1.0 - x) * np.log1p(-p), axis=1)
+    assert decoder_logvar is not None
+    return -0.5 * np.sum(LOG_2PI + decoder_logvar + (x - out) ** 2 * math.exp(-decoder_logvar), axis=1)
+
+
+def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
+    """KL(q(z|x) || N(0, I)) per row, nats."""
+    mean = mean.astype(np.float64)
+    logvar = logvar.astype(np.float64)
+    return 0.5 * np.sum(mean**2 + np.exp(logvar) - 1.0 - logvar, axis=1)
+
+
+def scores(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray, output: np.ndarray,
+           likelihood: str, decoder_logvar: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, reconstruction, kl) per row, nats.
+
+    x [N, D] in model space; `output` [N*K, D] is the decoder run on `sample_latents(mean, logvar, eps)`.
+    reconstruction is -log p(x|z) averaged over the K samples; kl is analytic.
+    """
+    n, k = x.shape[0], eps.shape[-2]
+    x_rep = np.repeat(x, k, axis=0)
+    log_px = log_likelihood(x_rep, output, likelihood, decoder_logvar).reshape(n, k)
+    kl = gaussian_kl(mean, logvar)
+    reconstruction = -log_px.mean(axis=1)
+    if k == 1:
+        return reconstruction + kl, reconstruction, kl
+    # Importance weights log p(x|z) + log p(z) - log q(z|x) with z = mean + std * eps.
+    e = _per_row(eps).astype(np.float64)
+    log_pz = -0.5 * np.sum(LOG_2PI + (mean[:, None, :] + np.exp(0.5 * logvar)[:, None, :] * e) ** 2, axis=2)
+    log_qz = -0.5 * np.sum(LOG_2PI + logvar[:, None, :] + e**2, axis=2)
+    log_w = log_px + log_pz - log_qz
+    top = log_w.max(axis=1, keepdims=True)
+    log_mean_w = top[:, 0] + np.log(np.mean(np.exp(log_w - top), axis=1))
+    return -log_mean_w, reconstruction, kl

@@ -1,0 +1,1 @@
+"""Train Variational Autoencoders and export them for the vaeserve service."""

@@ -1,0 +1,181 @@
+"""`vae-train`: train a VAE and export it; `vae-train evaluate`: score an exported model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import ModelConfig, TrainConfig
+from training.data import DATASETS, DataError, load_dataset
+
+IMAGE_DATASETS = ("digits", "mnist")
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-train",
+        description="Train a VAE, export encoder and decoder to TorchScript and ONNX, verify them against "
+                    "the eager model, and write models/<name>/<version>/. "
+                    "Run `vae-train evaluate --help` to score an exported model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: scikit-learn's embedded 8x8 digits; mnist: IDX files or .npz; csv/npy: your table")
+    d.add_argument("--data", metavar="PATH", help="file or folder for mnist, csv and npy")
+    d.add_argument("--label-column", help="CSV column kept out of the features (used only for evaluation)")
+    d.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of rows held out for validation (digits, csv, npy; MNIST uses its test set)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
+    m.add_argument("--latent-dim", type=_positive(int), default=8)
+    m.add_argument("--hidden", type=_hidden, default=(128,),
+                   help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64)")
+    m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
+                   help="decoder likelihood [default: bernoulli for images, gaussian for tables]")
+    m.add_argument("--fixed-logvar", type=float, metavar="V",
+                   help="Gaussian decoder: fix the shared log-variance at V instead of learning it")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive(int), default=30)
+    t.add_argument("--batch-size", type=_positive(int), default=128)
+    t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
+    t.add_argument("--warmup-epochs", type=int, default=0, help="anneal beta from 0 over this many epochs")
+    t.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the noise")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    t.add_argument("--checkpoint", type=Path, help="checkpoint file [default: runs/<name>/checkpoint.pt]")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines still print)")
+    o = p.add_argument_group("output")
+    o.add_argument("--name", help="model name [default: the dataset's name]")
+    o.add_argument("--output", type=Path, default=Path("models"), help="model repository")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-train evaluate",
+        description="Negative ELBO and importance-weighted -log p(x), nats per example, of a dataset split, "
+                    "computed with an exported model's graphs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", type=Path, help="model folder, e.g. models/digits/1")
+    p.add_argument("--dataset", choices=DATASETS, help="[default: the one recorded in the manifest]")
+    p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
+    p.add_argument("--split", choices=("train", "val", "test"), default="val")
+    p.add_argument("--samples", type=_positive(int), default=1000, help="K for the importance-weighted estimate")
+    p.add_argument("--runtime", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
+    from training.export import export_model
+    from training.train import resolve_device, train
+
+    likelihood = args.likelihood or ("bernoulli" if args.dataset in IMAGE_DATASETS else "gaussian")
+    data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
+                        val_fraction=args.val_fraction, label_column=args.label_column,
+                        min_rows=args.batch_size)
+    input_shape = data.input_shape if args.arch == "conv" else (data.input_dim,)
+    if args.arch == "conv" and len(data.input_shape) != 3:
+        raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
+    model_cfg = ModelConfig(
+        input_shape=input_shape, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
+        likelihood=likelihood,  # type: ignore[arg-type]  # argparse choices guarantee the literal
+        learn_logvar=args.fixed_logvar is None,
+        decoder_logvar=args.fixed_logvar if args.fixed_logvar is not None else 0.0,
+    )
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, beta=args.beta,
+                      warmup_epochs=args.warmup_epochs, seed=args.seed, val_fraction=args.val_fraction)
+    name = args.name or args.dataset
+    device = resolve_device(args.device)
+    checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
+    print(f"training {args.arch} VAE on {args.dataset}: {len(data.x_train)} train / {len(data.x_val)} val rows, "
+          f"input {list(data.input_shape)}, latent {args.latent_dim}, {likelihood}, device {device}")
+    result = train(data, model_cfg, cfg, device=device, checkpoint=checkpoint, resume=args.resume,
+                   progress=not args.no_progress)
+    best = result.history[result.best_epoch - 1]
+    training = {
+        "command": shlex.join(["vae-train", *argv]),
+        "config": asdict(cfg),
+        "data": {"dataset": args.dataset, "path": args.data, "seed": args.seed, "val_fraction": args.val_fraction,
+                 "label_column": args.label_column, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.train_seconds, 2),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "history": [asdict(h) for h in result.history],
+    }
+    metrics = {"val_neg_elbo": best.val_loss, "val_reconstruction": best.val_reconstruction,
+               "val_kl": best.val_kl, "train_neg_elbo": best.train_loss}
+    folder, manifest = export_model(result.model, data, name=name, output=args.output, training=training,
+                                    metrics=metrics)
+    worst = max(c.max_abs_diff for c in manifest.parity)
+    print(f"best epoch {result.best_epoch}: validation -ELBO {best.val_loss:.3f} nats; "
+          f"training took {result.train_seconds:.1f}s")
+    print(f"exported {folder} (TorchScript and ONNX match eager within {worst:.1e}; "
+          f"anomaly threshold {manifest.calibration.threshold:.2f} nats at the "
+          f"{manifest.calibration.threshold_level:.0%} quantile)")
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["evaluate"]:
+            from training.evaluate import evaluate
+
+            args = evaluate_parser().parse_args(argv[1:])
+            result = evaluate(args.model, dataset=args.dataset, data=args.data, split=args.split,
+                              samples=args.samples, runtime=args.runtime, progress=not args.no_progress)
+            if args.json:
+                print(json.dumps(result))
+            else:
+                print(f"{result['model']} v{result['version']} ({result['runtime']}) on {result['dataset']} "
+                      f"{result['split']}, {result['rows']} rows:")
+                print(f"  negative ELBO      {result['negative_elbo']:.3f} nats/example "
+                      f"(reconstruction {result['reconstruction']:.3f}, KL {result['kl']:.3f})")
+                if "iw_nll" in result:
+                    print(f"  -log p(x), K={result['samples']:<5} {result['iw_nll']:.3f} nats/example")
+            return 0
+        run_training(train_parser().parse_args(argv), argv)
+        return 0
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"vae-train: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

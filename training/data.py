@@ -1,0 +1,258 @@
+"""Datasets: the embedded digits, MNIST files, and users' own tables (CSV / NumPy).
+
+Every loader returns raw values (the caller's data space) plus the preprocessing fitted on the
+training split, so the exported model can take raw values from callers.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+DatasetName = Literal["digits", "mnist", "csv", "npy"]
+DATASETS: tuple[str, ...] = ("digits", "mnist", "csv", "npy")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used, with a message that says what and where."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """x_model = (x_raw - shift) / scale, per feature (length D) or shared (length 1)."""
+
+    kind: str
+    shift: np.ndarray
+    scale: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return ((x - self.shift) / self.scale).astype(np.float32)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
+
+
+@dataclass
+class Dataset:
+    name: str
+    source: str
+    input_shape: tuple[int, ...]
+    x_train: np.ndarray  # [N, D] float32, raw values
+    x_val: np.ndarray
+    preprocessing: Preprocessing
+    y_train: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    feature_names: list[str] | None = None
+    options: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.input_shape)
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic train/validation split: the same seed gives the same rows."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"validation fraction must be in (0, 1), got {val_fraction}")
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"{n} rows are too few to split into training and validation")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def check_finite(x: np.ndarray, source: str) -> None:
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(f"{source}: NaN or infinite value at row {row}, column {col} ({int(bad.sum())} in all)")
+
+
+def fit_preprocessing(x_train: np.ndarray, likelihood: str) -> Preprocessing:
+    """Tabular data: standardise for a Gaussian decoder, min-max to [0, 1] for a Bernoulli one."""
+    if likelihood == "gaussian":
+        shift, scale, kind = x_train.mean(axis=0), x_train.std(axis=0), "standardize"
+    else:
+        shift, scale, kind = x_train.min(axis=0), x_train.max(axis=0) - x_train.min(axis=0), "minmax"
+    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant column passes through unscaled
+    return Preprocessing(kind, shift.astype(np.float64), scale.astype(np.float64))
+
+
+def _pixel_scaling(maximum: float) -> Preprocessing:
+    return Preprocessing("scale", np.zeros(1), np.array([maximum], dtype=np.float64))
+
+
+def load_digits(*, seed: int, val_fraction: float) -> Dataset:
+    """scikit-learn's 8x8 digits (1797 rows, values 0..16), shipped inside the package: no download."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    x = bunch.data.astype(np.float32)
+    y = bunch.target.astype(np.int64)
+    train, val = split_indices(len(x), val_fraction, seed)
+    return Dataset(
+        name="digits", source="sklearn.datasets.load_digits", input_shape=(1, 8, 8),
+        x_train=x[train], x_val=x[val], y_train=y[train], y_val=y[val],
+        preprocessing=_pixel_scaling(16.0),
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise DataError(f"{path}: too short to be an IDX file")
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != math.prod(dims):
+        raise DataError(f"{path}: header says {dims} ({math.prod(dims)} bytes) but holds {body.size}")
+    return body.reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path:
+    for candidate in (folder / f"{stem}.gz", folder / stem):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{folder}: missing {stem}(.gz)")
+
+
+def load_mnist(path: Path) -> Dataset:
+    """MNIST from the four IDX files (gzipped or not) in a folder, or an .npz with x_train/x_test.
+
+    The validation split is the official test set, as in the PyTorch examples VAE.
+    """
+    if not path.exists():
+        raise DataError(f"MNIST data not found: {path}")
+    y_train = y_val = None
+    if path.is_dir():
+        x_train = _read_idx(_find_idx(path, "train-images-idx3-ubyte"))
+        x_val = _read_idx(_find_idx(path, "t10k-images-idx3-ubyte"))
+        try:
+            y_train = _read_idx(_find_idx(path, "train-labels-idx1-ubyte")).astype(np.int64)
+            y_val = _read_idx(_find_idx(path, "t10k-labels-idx1-ubyte")).astype(np.int64)
+        except DataError:
+            pass  # labels are only used for evaluation
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            missing = {"x_train", "x_test"} - set(npz.files)
+            if missing:
+                raise DataError(f"{path}: missing arrays {sorted(missing)} (has {npz.files})")
+            x_train, x_val = npz["x_train"], npz["x_test"]
+            if "y_train" in npz.files and "y_test" in npz.files:
+                y_train, y_val = npz["y_train"].astype(np.int64), npz["y_test"].astype(np.int64)
+    else:
+        raise DataError(f"{path}: give a folder of IDX files or an .npz file")
+    for name, arr in (("training", x_train), ("test", x_val)):
+        if arr.ndim != 3 or arr.shape[1:] != (28, 28):
+            raise DataError(f"{path}: {name} images must have shape [N, 28, 28], got {list(arr.shape)}")
+    maximum = 255.0 if x_train.dtype == np.uint8 or x_train.max() > 1.0 else 1.0
+    x_train = x_train.reshape(len(x_train), -1).astype(np.float32)
+    x_val = x_val.reshape(len(x_val), -1).astype(np.float32)
+    check_finite(x_train, str(path))
+    check_finite(x_val, str(path))
+    return Dataset(
+        name="mnist", source=str(path), input_shape=(1, 28, 28), x_train=x_train, x_val=x_val,
+        y_train=y_train, y_val=y_val, preprocessing=_pixel_scaling(maximum),
+    )
+
+
+def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise DataError(f"{path}: the file is empty; expected a header row") from None
+        if label_column is not None and label_column not in header:
+            raise DataError(f"{path}: label column {label_column!r} not in the header {header}")
+        label_at = header.index(label_column) if label_column is not None else -1
+        features = [h for i, h in enumerate(header) if i != label_at]
+        rows: list[list[float]] = []
+        labels: list[str] = []
+        for line_no, record in enumerate(reader, start=2):
+            if not record:
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{path}, line {line_no}: {len(record)} cells, the header has {len(header)}")
+            row = []
+            for i, cell in enumerate(record):
+                if i == label_at:
+                    labels.append(cell.strip())
+                    continue
+                try:
+                    row.append(float(cell))
+                except ValueError:
+                    raise DataError(
+                        f"{path}, line {line_no}, column {header[i]!r}: {cell!r} is not a number"
+                    ) from None
+            rows.append(row)
+    x = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(features))
+    y = np.asarray(labels) if label_column is not None else None
+    return x, y, features
+
+
+def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: str,
+               seed: int, val_fraction: float) -> Dataset:
+    """A user's numeric feature table; the label column (CSV only) is kept for evaluation."""
+    if not path.exists():
+        raise DataError(f"data file not found: {path}")
+    if kind == "csv":
+        x, y, names = _read_csv(path, label_column)
+    else:
+        if label_column is not None:
+            raise DataError("--label-column applies to CSV files; a .npy file holds features only")
+        try:
+            x = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"{path}: not a numeric .npy array ({e})") from None
+        if x.ndim != 2:
+            raise DataError(f"{path}: expected a 2-D array [rows, features], got shape {list(x.shape)}")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise DataError(f"{path}: expected real numbers, got dtype {x.dtype}")
+        x, y, names = x.astype(np.float64), None, [f"f{i}" for i in range(x.shape[1])]
+    if x.shape[1] == 0:
+        raise DataError(f"{path}: no feature columns")
+    check_finite(x, str(path))
+    train, val = split_indices(len(x), val_fraction, seed)
+    x_train = x[train]
+    return Dataset(
+        name=kind, source=str(path), input_shape=(x.shape[1],),
+        x_train=x_train.astype(np.float32), x_val=x[val].astype(np.float32),
+        y_train=None if y is None else y[train], y_val=None if y is None else y[val],
+        feature_names=names, preprocessing=fit_preprocessing(x_train, likelihood),
+        options={"label_column": label_column},
+    )
+
+
+def load_dataset(name: str, path: str | Path | None = None, *, likelihood: str = "bernoulli",
+                 seed: int = 0, val_fraction: float = 0.15, label_column: str | None = None,
+                 min_rows: int = 1) -> Dataset:
+    """Load any supported dataset; `min_rows` is the batch size the training split must reach."""
+    if name == "digits":
+        data = load_digits(seed=seed, val_fraction=val_fraction)
+    elif name in ("mnist", "csv", "npy"):
+        if path is None:
+            raise DataError(f"dataset {name!r} needs --data PATH")
+        if name == "mnist":
+            data = load_mnist(Path(path))
+        else:
+            data = load_table(Path(path), kind=name, label_column=label_column, likelihood=likelihood,
+                              seed=seed, val_fraction=val_fraction)
+    else:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if len(data.x_train) < min_rows:
+        raise DataError(
+            f"{data.source}: {len(data.x_train)} training rows, fewer than the batch size {min_rows}"
+        )
+    return data

@@ -1,0 +1,180 @@
+"""Export a trained VAE into a versioned model folder: graphs, weights, verified parity, manifest."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from service.manifest import (
+    DECODER_ONNX,
+    DECODER_TS,
+    ENCODER_ONNX,
+    ENCODER_TS,
+    GRAPH_FILES,
+    MANIFEST_FILE,
+    NAME_PATTERN,
+    PARITY_TOLERANCE,
+    SCHEMA_VERSION,
+    WEIGHTS_FILE,
+    Calibration,
+    Manifest,
+    ParityCheck,
+    sha256_of,
+)
+from service.runtime import load_graph
+from service.scoring import common_noise, sample_latents, scores
+from training.data import Dataset
+from training.model import VAE
+
+PARITY_BATCHES = (1, 64)
+CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 201)
+CALIBRATION_SEED = 0
+THRESHOLD_LEVEL = 0.99
+ONNX_OPSET = 18
+
+
+class ExportError(RuntimeError):
+    """An export that must not be written: a graph disagrees with the eager model."""
+
+
+def next_version(model_root: Path) -> int:
+    versions = [int(p.name) for p in model_root.glob("*") if p.is_dir() and p.name.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _quiet() -> contextlib.ExitStack:
+    """The exporters print progress and warn about their own internals; keep the CLI readable."""
+    stack = contextlib.ExitStack()
+    onnx_log = logging.getLogger("torch.onnx")
+    level = onnx_log.level
+    onnx_log.setLevel(logging.ERROR)
+    stack.callback(onnx_log.setLevel, level)
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore")
+    stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    return stack
+
+
+def _export_graph(module: nn.Module, example: torch.Tensor, folder: Path, ts_name: str, onnx_name: str,
+                  input_name: str, output_names: list[str]) -> None:
+    module = module.eval()
+    with _quiet(), torch.no_grad():
+        torch.jit.trace(module, example).save(str(folder / ts_name))
+        torch.onnx.export(
+            module, (example,), str(folder / onnx_name), input_names=[input_name], output_names=output_names,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1 << 20)},), dynamo=True,
+            external_data=False, opset_version=ONNX_OPSET, verbose=False,
+        )
+
+
+def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityCheck]:
+    """Each exported graph against the eager model, on validation rows and random inputs, batches 1 and 64."""
+    rng = np.random.default_rng(0)
+    cfg = model.cfg
+    with torch.no_grad():
+        val_latents = model.encode(torch.from_numpy(x_val[:64]))[0].numpy()
+    random_x = (rng.random((64, cfg.input_dim)) if cfg.likelihood == "bernoulli"
+                else rng.standard_normal((64, cfg.input_dim))).astype(np.float32)
+    inputs = {
+        "encoder": {"validation": x_val, "random": random_x},
+        "decoder": {"validation": val_latents, "random": rng.standard_normal((64, cfg.latent_dim)).astype(np.float32)},
+    }
+    eager = {"encoder": model.encoder, "decoder": model.output_head()}
+    checks = []
+    for (graph_name, runtime), file in GRAPH_FILES.items():
+        graph = load_graph(folder / file, runtime)
+        for kind, data in inputs[graph_name].items():
+            for batch in PARITY_BATCHES:
+                xb = np.ascontiguousarray(data[:batch])
+                if len(xb) < batch:  # fewer validation rows than the batch: tile them
+                    xb = np.ascontiguousarray(np.resize(data, (batch, data.shape[1])))
+                with torch.no_grad():
+                    ref = eager[graph_name](torch.from_numpy(xb))
+                refs = ref if isinstance(ref, tuple) else (ref,)
+                got = graph(xb)
+                diff = max(float(np.max(np.abs(g - r.numpy()))) for g, r in zip(got, refs, strict=True))
+                if not diff <= PARITY_TOLERANCE:
+                    raise ExportError(f"{file} ({runtime}) differs from the eager model by {diff:.3g} "
+                                      f"on {kind} inputs at batch {batch} (tolerance {PARITY_TOLERANCE})")
+                checks.append(ParityCheck.model_validate({"graph": graph_name, "runtime": runtime, "inputs": kind,
+                                                          "batch_size": batch, "max_abs_diff": diff}))
+    return checks
+
+
+def calibrate(folder: Path, model: VAE, x_val: np.ndarray) -> Calibration:
+    """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs."""
+    encoder = load_graph(folder / ENCODER_ONNX, "onnx")
+    decoder = load_graph(folder / DECODER_ONNX, "onnx")
+    eps = common_noise(1, model.cfg.latent_dim, CALIBRATION_SEED)
+    mean, logvar = encoder(x_val)
+    out = decoder(sample_latents(mean, logvar, eps))[0]
+    logvar_dec = float(model.decoder_logvar.item()) if model.cfg.likelihood == "gaussian" else None
+    score, _, _ = scores(x_val, mean, logvar, eps, out, model.cfg.likelihood, logvar_dec)
+    values = np.maximum.accumulate(np.quantile(score, CALIBRATION_LEVELS))
+    return Calibration(samples=1, seed=CALIBRATION_SEED, n_rows=len(score), levels=CALIBRATION_LEVELS.tolist(),
+                       values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
+                       threshold=float(np.quantile(score, THRESHOLD_LEVEL)))
+
+
+def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
+                 metrics: dict[str, float]) -> tuple[Path, Manifest]:
+    """Write `output/name/<next version>/` atomically; never touches an existing version."""
+    import re
+
+    if not re.match(NAME_PATTERN, name):
+        raise ExportError(f"model name {name!r} must match {NAME_PATTERN}")
+    model = model.cpu().eval()
+    root = output / name
+    root.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+    try:
+        x_val = data.preprocessing.apply(data.x_val)
+        example = torch.from_numpy(x_val[:8])
+        _export_graph(model.encoder, example, work, ENCODER_TS, ENCODER_ONNX, "x", ["mean", "logvar"])
+        with torch.no_grad():
+            z_example = model.encode(example)[0]
+        _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
+        parity = check_parity(work, model, x_val)
+        calibration = calibrate(work, model, x_val)
+        files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
+        for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
+            f.chmod(0o644)
+        work.chmod(0o755)
+        cfg = model.cfg
+        while True:  # claim the next free version number; rename fails if a concurrent run took it
+            version = next_version(root)
+            manifest = Manifest.model_validate({
+                "schema_version": SCHEMA_VERSION, "name": name, "version": version,
+                "created_at": datetime.now(UTC), "input_shape": list(cfg.input_shape),
+                "latent_dim": cfg.latent_dim, "likelihood": cfg.likelihood,
+                "decoder_logvar": float(model.decoder_logvar.item()) if cfg.likelihood == "gaussian" else None,
+                "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
+                "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
+                "calibration": calibration, "files": files,
+            })
+            (work / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            target = root / str(version)
+            try:
+                os.rename(work, target)
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            return target, manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""The VAE: separate Encoder and Decoder modules, so each exports to its own graph.
+
+Graphs take and return flat rows ([N, D] in, [N, D] out) whatever the architecture, so the
+service only ever handles 2-D arrays. No randomness inside a graph: noise is drawn outside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from training.config import ModelConfig
+from training.losses import bernoulli_log_likelihood, gaussian_kl, gaussian_log_likelihood
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _conv_sizes(size: int, n_layers: int) -> list[int]:
+    """Spatial sizes after each stride-2, kernel-3, padding-1 convolution: ceil(n / 2) each time."""
+    sizes = [size]
+    for _ in range(n_layers):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+class Encoder(nn.Module):
+    """x [N, D] -> (mean [N, L], logvar [N, L])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_shape = cfg.input_shape
+        if cfg.arch == "mlp":
+            self.body: nn.Module = _mlp([cfg.input_dim, *cfg.hidden])
+            features = cfg.hidden[-1]
+        else:
+            channels, height, width = cfg.input_shape
+            layers: list[nn.Module] = []
+            for c_in, c_out in zip((channels, *cfg.hidden[:-1]), cfg.hidden, strict=True):
+                layers += [nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1), nn.ReLU()]
+            layers.append(nn.Flatten())
+            self.body = nn.Sequential(*layers)
+            h = _conv_sizes(height, len(cfg.hidden))[-1]
+            w = _conv_sizes(width, len(cfg.hidden))[-1]
+            features = cfg.hidden[-1] * h * w
+        self.is_conv = cfg.arch == "conv"
+        self.mean = nn.Linear(features, cfg.latent_dim)
+        self.logvar = nn.Linear(features, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.is_conv:
+            x = x.reshape((-1, *self.input_shape))  # [N, C, H, W]
+        h = self.body(x)
+        return self.mean(h), self.logvar(h)
+
+
+class Decoder(nn.Module):
+    """z [N, L] -> distribution parameters [N, D]: Bernoulli logits or the Gaussian mean."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.is_conv = cfg.arch == "conv"
+        self.input_dim = cfg.input_dim
+        if cfg.arch == "mlp":
+            widths = list(reversed(cfg.hidden))
+            self.body: nn.Module = nn.Sequential(
+                _mlp([cfg.latent_dim, *widths]), nn.Linear(widths[-1], cfg.input_dim)
+            )
+        else:
+            channels, height, width = cfg.input_shape
+            hs = _conv_sizes(height, len(cfg.hidden))
+            ws = _conv_sizes(width, len(cfg.hidden))
+            chans = list(reversed(cfg.hidden))
+            self.start_shape = (chans[0], hs[-1], ws[-1])
+            layers: list[nn.Module] = [nn.Linear(cfg.latent_dim, chans[0] * hs[-1] * ws[-1]), nn.ReLU(),
+                                       nn.Unflatten(1, self.start_shape)]
+            outs = [*chans[1:], channels]
+            for i, (c_in, c_out) in enumerate(zip(chans, outs, strict=True)):
+                # Pick output_padding so each transposed conv restores the encoder's size exactly.
+                target_h, target_w = hs[-2 - i], ws[-2 - i]
+                pad = (1 - target_h % 2, 1 - target_w % 2)
+                layers.append(nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=pad))
+                if i < len(outs) - 1:
+                    layers.append(nn.ReLU())
+            layers.append(nn.Flatten())
+            self.body = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.body(z)
+
+
+class OutputHead(nn.Module):
+    """What the exported decoder returns: probabilities (Bernoulli) or the mean (Gaussian)."""
+
+    def __init__(self, decoder: Decoder, likelihood: str):
+        super().__init__()
+        self.decoder = decoder
+        self.bernoulli = likelihood == "bernoulli"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        params = self.decoder(z)
+        return torch.sigmoid(params) if self.bernoulli else params
+
+
+@dataclass
+class ELBO:
+    """Per-example terms, nats, shape [N]: loss = reconstruction + beta * kl."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+
+class VAE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        logvar = torch.tensor([cfg.decoder_logvar])
+        if cfg.likelihood == "gaussian" and cfg.learn_logvar:
+            self.decoder_logvar = nn.Parameter(logvar)
+        else:
+            self.register_buffer("decoder_logvar", logvar)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(x)
+
+    @staticmethod
+    def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = mean + sigma * eps; eps ~ N(0, I) is passed in so the caller owns the randomness."""
+        return mean + torch.exp(0.5 * logvar) * eps
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder parameters [N, D]: logits (Bernoulli) or mean (Gaussian)."""
+        return self.decoder(z)
+
+    def log_likelihood(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        if self.cfg.likelihood == "bernoulli":
+            return bernoulli_log_likelihood(x, params)
+        return gaussian_log_likelihood(x, params, self.decoder_logvar)
+
+    def elbo(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None) -> ELBO:
+        """Single-sample negative ELBO of flat rows x [N, D], in nats per example."""
+        mean, logvar = self.encode(x)
+        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        z = self.reparameterize(mean, logvar, eps)
+        reconstruction = -self.log_likelihood(x, self.decode(z))
+        kl = gaussian_kl(mean, logvar)
+        return ELBO(loss=reconstruction + beta * kl, reconstruction=reconstruction, kl=kl)
+
+    def output_head(self) -> OutputHead:
+        return OutputHead(self.decoder, self.cfg.likelihood)

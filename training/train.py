@@ -1,0 +1,134 @@
+"""The training loop: Adam on the negative ELBO with KL warm-up, best epoch kept, resumable."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.config import ModelConfig, TrainConfig
+from training.data import Dataset
+from training.model import VAE
+
+
+@dataclass
+class EpochStats:
+    epoch: int  # 1-based
+    beta: float
+    train_loss: float  # negative ELBO (beta-weighted), nats per example
+    val_loss: float  # negative ELBO with beta = 1, nats per example
+    val_reconstruction: float
+    val_kl: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    model: VAE
+    history: list[EpochStats]
+    best_epoch: int
+    best_val_loss: float
+    train_seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def evaluate_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1024, seed: int = 0) -> dict[str, float]:
+    """Mean negative ELBO (beta = 1) and its terms over rows x, nats per example; noise seeded."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    totals = np.zeros(3)
+    for start in range(0, len(x), batch_size):
+        e = model.elbo(x[start : start + batch_size], beta=1.0, generator=gen)
+        totals += [e.loss.sum().item(), e.reconstruction.sum().item(), e.kl.sum().item()]
+    loss, rec, kl = totals / len(x)
+    return {"loss": float(loss), "reconstruction": float(rec), "kl": float(kl)}
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: torch.device,
+          checkpoint: Path | None = None, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train on data.x_train, validate on data.x_val after every epoch, keep the best epoch."""
+    torch.manual_seed(cfg.seed)
+    model = VAE(model_cfg).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    x_train = torch.from_numpy(data.preprocessing.apply(data.x_train)).to(device)
+    x_val = torch.from_numpy(data.preprocessing.apply(data.x_val)).to(device)
+    history: list[EpochStats] = []
+    best_state = copy.deepcopy(model.state_dict())
+    best_val, best_epoch, start_epoch, elapsed = float("inf"), 0, 0, 0.0
+
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        if state["model_config"] != model_cfg.to_dict():
+            raise ValueError(f"{checkpoint} was written for another model: {state['model_config']}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, best_val, best_epoch = state["best_model"], state["best_val"], state["best_epoch"]
+        history = [EpochStats(**h) for h in state["history"]]
+        start_epoch, elapsed = state["epoch"], state["seconds"]
+        tqdm.write(f"resumed from {checkpoint} after epoch {start_epoch}")
+
+    n = len(x_train)
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        beta = cfg.beta_at(epoch)
+        # Shuffling and noise are seeded per epoch, so a resumed run repeats an uninterrupted one.
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=gen, device=device)
+        n_batches = n // cfg.batch_size + (1 if n % cfg.batch_size else 0)
+        model.train()
+        total = 0.0
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not progress, unit="batch")
+        for b in bar:
+            xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+            loss = model.elbo(xb, beta=beta, generator=gen).loss.mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(xb)
+            if b % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.2f}")
+        val = evaluate_elbo(model, x_val, seed=cfg.seed)
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        stats = EpochStats(epoch + 1, beta, total / n, val["loss"], val["reconstruction"], val["kl"], seconds)
+        history.append(stats)
+        improved = val["loss"] < best_val
+        if improved:
+            best_val, best_epoch = val["loss"], epoch + 1
+            best_state = copy.deepcopy(model.state_dict())
+        tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  beta {beta:.3f}  train -ELBO {stats.train_loss:9.3f}  "
+                   f"val -ELBO {stats.val_loss:9.3f} nats  ({seconds:.2f}s){'  *' if improved else ''}")
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                "best_model": best_state, "best_val": best_val, "best_epoch": best_epoch,
+                "history": [asdict(h) for h in history], "seconds": elapsed,
+                "model_config": model_cfg.to_dict(),
+            })
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model=model, history=history, best_epoch=best_epoch, best_val_loss=best_val,
+                       train_seconds=elapsed)
