@@ -22,7 +22,7 @@ def edit(folder: Path, change) -> None:
 def test_exported_manifest_is_valid_and_complete(tiny_model):
     m = read_manifest(tiny_model)
     assert m.schema_version == SCHEMA_VERSION and m.name == "tiny" and m.version == 1
-    assert m.input_shape == [64] and m.latent_dim == 4 and m.likelihood == "bernoulli"
+    assert m.input_shape == [1, 8, 8] and m.latent_dim == 4 and m.likelihood == "bernoulli"
     assert set(m.files) == {"encoder.pt", "decoder.pt", "encoder.onnx", "decoder.onnx", "weights.safetensors"}
     assert m.preprocessing.scale == [16.0]
     assert m.training["command"].startswith("vae-train --dataset digits")

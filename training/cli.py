@@ -106,7 +106,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
                         val_fraction=args.val_fraction, label_column=args.label_column,
                         min_rows=args.batch_size)
-    input_shape = data.input_shape if args.arch == "conv" else (data.input_dim,)
+    input_shape = data.input_shape  # kept even for an MLP, so callers may send shaped rows
     if args.arch == "conv" and len(data.input_shape) != 3:
         raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
     model_cfg = ModelConfig(
