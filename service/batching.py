@@ -1,0 +1,188 @@
+"""A generic asyncio micro-batcher: merges concurrent calls to one function into one call.
+
+It knows nothing about HTTP or models: it is handed `fn(stacked_rows) -> list of arrays`, runs it
+off the event loop, and gives each caller exactly its own rows back. When the function is idle a
+call starts at once; calls that arrive while a batch runs form the next batch (optionally after
+waiting `max_delay_s` from the first queued call to fill it). Batch size counts rows, not calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+BatchFn = Callable[[np.ndarray], Sequence[np.ndarray]]
+
+
+class QueueFull(Exception):
+    """Too many rows are already waiting; the caller should retry later."""
+
+
+class BatchFailed(Exception):
+    """The batch this call was part of raised; other batches are unaffected."""
+
+
+class _Observer(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Setter(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Incrementer(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class BatcherMetrics(Protocol):
+    @property
+    def batch_size(self) -> _Observer: ...
+    @property
+    def queue_wait(self) -> _Observer: ...
+    @property
+    def inference(self) -> _Observer: ...
+    @property
+    def queue_depth(self) -> _Setter: ...
+    @property
+    def rows(self) -> _Incrementer: ...
+
+
+@dataclass(slots=True)
+class _Item:
+    rows: np.ndarray  # [n, D]
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(self, fn: BatchFn, *, name: str, max_batch_size: int, max_delay_s: float, max_queue_rows: int,
+                 executor: Executor | None = None, metrics: BatcherMetrics | None = None):
+        self.fn = fn
+        self.name = name
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self.executor = executor
+        self.metrics = metrics
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_rows = 0
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Run fn on these rows as part of some batch; returns fn's outputs for these rows only.
+
+        Raises QueueFull at once when the queue is at its bound, BatchFailed if the batch raised.
+        Cancelling the caller (a timeout) takes its rows out: they are not computed afterwards.
+        """
+        n = len(rows)
+        # The bound stops pile-ups; a lone call larger than it (request limits allow it) still runs.
+        if self._queued_rows and self._queued_rows + n > self.max_queue_rows:
+            raise QueueFull(f"{self.name}: {self._queued_rows} rows are queued (limit {self.max_queue_rows}); "
+                            "retry later")
+        loop = asyncio.get_running_loop()
+        item = _Item(rows, loop.create_future())
+        self._queue.append(item)
+        self._queued_rows += n
+        self._depth_changed()
+        if not self._running:
+            self._schedule(loop)
+        return await item.future
+
+    def _depth_changed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self._queued_rows)
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a batch now, or arm the delay timer from the first queued call."""
+        if self.max_delay_s <= 0 or self._queued_rows >= self.max_batch_size:
+            self._launch(loop)
+        elif self._timer is None:
+            wait = self.max_delay_s - (time.monotonic() - self._queue[0].enqueued)
+            self._timer = loop.call_later(max(0.0, wait), self._launch, loop)
+
+    def _take(self) -> list[_Item]:
+        """Pop the next batch: whole calls, up to max_batch_size rows (a larger call goes alone)."""
+        items: list[_Item] = []
+        rows = 0
+        while self._queue:
+            item = self._queue[0]
+            n = len(item.rows)
+            if item.future.done():  # its caller timed out or went away: never compute it
+                self._queue.popleft()
+                self._queued_rows -= n
+                continue
+            if items and rows + n > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_rows -= n
+            items.append(item)
+            rows += n
+        self._depth_changed()
+        return items
+
+    def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        items = self._take()
+        if not items:
+            self._running = False
+            return
+        self._running = True
+        now = time.monotonic()
+        if self.metrics is not None:
+            for item in items:
+                self.metrics.queue_wait.observe(now - item.enqueued)
+        task = loop.run_in_executor(self.executor, self._run, [item.rows for item in items])
+        task.add_done_callback(lambda done: self._finish(loop, items, done))
+
+    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
+        """In the executor thread: stack, run, check the batch kept its rows."""
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        start = time.perf_counter()
+        outputs = self.fn(x)
+        seconds = time.perf_counter() - start
+        for out in outputs:
+            if len(out) != len(x):
+                raise BatchFailed(f"{self.name}: {len(x)} rows in, {len(out)} rows out")
+        return outputs, seconds
+
+    def _finish(self, loop: asyncio.AbstractEventLoop, items: list[_Item],
+                done: asyncio.Future[tuple[Sequence[np.ndarray], float]]) -> None:
+        try:
+            outputs, seconds = done.result()
+        except BaseException as exc:  # noqa: BLE001 - every caller of this batch must hear of it
+            error = exc if isinstance(exc, BatchFailed) else BatchFailed(f"{self.name}: {type(exc).__name__}: {exc}")
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            total = sum(len(item.rows) for item in items)
+            if self.metrics is not None:
+                self.metrics.batch_size.observe(total)
+                self.metrics.inference.observe(seconds)
+                self.metrics.rows.inc(total)
+            start = 0
+            for item in items:
+                stop = start + len(item.rows)
+                if not item.future.done():
+                    item.future.set_result([out[start:stop] for out in outputs])
+                start = stop
+        if self._queue:
+            self._schedule(loop)
+            if self._timer is not None:
+                self._running = False  # waiting on the timer; a new call must not launch early
+        else:
+            self._running = False
