@@ -17,8 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: setup
-	# The service arrives with issue 3; until then show the default model.
-	$(BIN)/vae-train evaluate models/digits/1 --samples 100
+	$(BIN)/vae-serve
 
 test: setup
 	$(BIN)/python -m pytest

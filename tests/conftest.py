@@ -24,3 +24,8 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_repo: Path) -> Path:
     return tiny_repo / "tiny" / "1"
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,184 @@
+"""Request bodies to numpy, and response payloads to bytes (JSON, or .npy in / .npz out).
+
+The hot path avoids per-element validation: orjson parses, numpy converts the row lists in C,
+and only a body that fails (or might hold booleans) is walked in Python to say exactly where.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import orjson
+
+from service.errors import InvalidInput, MalformedBody, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+
+JSON = "application/json"
+NPY = "application/x-npy"
+NPZ = "application/x-npz"
+_NUMERIC_KINDS = "fiu"
+
+
+async def read_body(stream: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
+    """The whole body, refusing more than `limit` bytes before reading them where the size is declared."""
+    if content_length is not None:
+        try:
+            declared = int(content_length)
+        except ValueError:
+            raise MalformedBody(f"Content-Length {content_length!r} is not a number") from None
+        if declared > limit:
+            raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} (VAE_MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body exceeds the limit of {limit} bytes (VAE_MAX_BODY_BYTES)")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def media_type(content_type: str | None) -> str:
+    """The request's body format; JSON when none is declared."""
+    if not content_type:
+        return JSON
+    kind = content_type.split(";", 1)[0].strip().lower()
+    if kind in (JSON, NPY):
+        return kind
+    if kind in ("application/octet-stream", "application/npy"):
+        return NPY
+    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported; send {JSON} or {NPY}")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise MalformedBody(f"malformed JSON: {e} (NaN and Infinity are not JSON numbers)") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"the body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def parse_npy(body: bytes) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except Exception as e:  # numpy raises ValueError, EOFError or UnpicklingError for a bad file
+        raise MalformedBody(f"the body is not a valid .npy array: {e}") from None
+    if not isinstance(array, np.ndarray):
+        raise MalformedBody("the body must be a single .npy array, not an .npz archive")
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise InvalidInput(f"the .npy array must hold real numbers, got dtype {array.dtype}")
+    return array
+
+
+def _first_problem(value: Any, field: str) -> tuple[str, str]:
+    """Walk nested lists to the first element that is not a number, or the first ragged row."""
+    stack: list[tuple[Any, str]] = [(value, field)]
+    while stack:
+        v, path = stack.pop()
+        if isinstance(v, list):
+            lengths = {len(x) if isinstance(x, list) else -1 for x in v}
+            if len(lengths) > 1:
+                sizes = [len(x) if isinstance(x, list) else "a number" for x in v]
+                return path, f"{path} is ragged: its items have lengths {sizes[:8]}"
+            stack.extend((x, f"{path}[{i}]") for i, x in reversed(list(enumerate(v))))
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            shown = orjson.dumps(v).decode()[:40]
+            return path, f"{path} is {shown}, not a number"
+    return field, f"{field} could not be read as numbers"
+
+
+def _has_bool(value: list[Any]) -> bool:
+    for row in value:
+        if isinstance(row, list):
+            if row and isinstance(row[0], list):
+                if _has_bool(row):
+                    return True
+            elif bool in set(map(type, row)):
+                return True
+        elif isinstance(row, bool):
+            return True
+    return False
+
+
+def to_array(value: Any, field: str, *, maybe_bools: bool) -> np.ndarray:
+    """JSON value -> float32 ndarray; NaN/Inf and non-numbers are refused with the place named."""
+    if isinstance(value, np.ndarray):
+        array = value
+    else:
+        if not isinstance(value, list):
+            raise InvalidInput(f"{field} must be a list of rows, got {type(value).__name__}", field=field)
+        if not value:
+            raise InvalidInput(f"{field} is empty; send at least one row", field=field)
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            path, message = _first_problem(value, field)
+            raise InvalidInput(message, field=path) from None
+        if array.dtype.kind not in _NUMERIC_KINDS or (maybe_bools and _has_bool(value)):
+            path, message = _first_problem(value, field)
+            raise InvalidInput(message, field=path)
+    with np.errstate(over="ignore"):
+        out = array.astype(np.float32, copy=False)
+    if not np.isfinite(out).all():
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        path = field + "".join(f"[{i}]" for i in where)
+        raise InvalidInput(f"{path} is NaN, infinite or outside the float32 range", field=path)
+    return out
+
+
+def rows(value: Any, field: str, *, shape: tuple[int, ...], max_rows: int, maybe_bools: bool) -> np.ndarray:
+    """A list of rows -> float32 [N, D]; each row flat (D values) or shaped like `shape`."""
+    if value is None:
+        raise InvalidInput(f"{field} is required", field=field)
+    array = to_array(value, field, maybe_bools=maybe_bools)
+    width = math.prod(shape)
+    if array.ndim < 2:
+        hint = " (wrap a single row in [...])" if array.ndim == 1 and len(array) == width else ""
+        raise InvalidInput(f"{field} must be a list of rows{hint}; got an array of shape {list(array.shape)}",
+                           field=field)
+    n = array.shape[0]
+    if n == 0:
+        raise InvalidInput(f"{field} is empty; send at least one row", field=field)
+    if n > max_rows:
+        raise PayloadTooLarge(f"{field} has {n} rows; the limit is {max_rows} (VAE_MAX_ROWS)", field=field)
+    row_shape = array.shape[1:]
+    squeezed = tuple(d for d in shape if d != 1) or (1,)
+    if row_shape not in ((width,), shape, squeezed):
+        allowed = f"{width} values" + (f" or shape {list(shape)}" if len(shape) > 1 else "")
+        raise InvalidInput(f"each row of {field} must have {allowed}; got rows of shape {list(row_shape)}",
+                           field=field)
+    return array.reshape(n, width)
+
+
+def wants_npz(accept: str | None) -> bool:
+    if not accept:
+        return False
+    kinds = [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
+    if NPZ in kinds:
+        return True
+    if not any(k in (JSON, "*/*", "application/*", "") for k in kinds):
+        raise NotAcceptable(f"Accept {accept!r}: responses are {JSON} or {NPZ}")
+    return False
+
+
+def encode_json(payload: dict[str, Any]) -> bytes:
+    return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_npz(payload: dict[str, Any]) -> bytes:
+    """One array per field: scalars become 0-d arrays; nothing needs pickle to load."""
+    arrays: dict[str, Any] = {}
+    for key, value in payload.items():
+        if value is None:
+            continue
+        arrays[key] = value if isinstance(value, np.ndarray) else np.asarray(value)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

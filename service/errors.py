@@ -1,0 +1,138 @@
+"""The service's errors, and the one place that maps them to HTTP responses.
+
+Every error body has the same shape:
+    {"error": {"code": "invalid_input", "message": "...", "field": "inputs[2]"}}
+`field` names the request field at fault, or is null.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from service.batching import BatchFailed, QueueFull
+
+log = logging.getLogger("vaeserve")
+
+
+class ServiceError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, field: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.headers = headers or {}
+
+
+class InvalidInput(ServiceError):
+    status, code = 422, "invalid_input"
+
+
+class MalformedBody(ServiceError):
+    status, code = 400, "malformed_body"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class NotAcceptable(ServiceError):
+    status, code = 406, "not_acceptable"
+
+
+class ModelNotFound(ServiceError):
+    status, code = 404, "model_not_found"
+
+
+class Overloaded(ServiceError):
+    status, code = 503, "overloaded"
+
+
+class NotReady(ServiceError):
+    status, code = 503, "not_ready"
+
+
+class Timeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+class InferenceFailed(ServiceError):
+    status, code = 500, "inference_failed"
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    body = orjson.dumps({"error": {"code": code, "message": message, "field": field}})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """('body', 'inputs', 2) -> 'inputs[2]'."""
+    out = ""
+    for part in loc:
+        if part in ("body", "query", "path"):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    first = errors[0]
+    field = field_path(first.get("loc", ())) or None
+    received = first.get("input")
+    shown = "" if isinstance(received, dict | list) or received is None else f" (received {received!r})"
+    message = f"{field}: {first['msg']}{shown}" if field else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return message, field
+
+
+def install_handlers(app: FastAPI, retry_after: int) -> None:
+    """Map every error to the one JSON body; unknown exceptions become a logged 500."""
+
+    async def service_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ServiceError)
+        headers = dict(exc.headers)
+        if exc.status == 503:
+            headers.setdefault("Retry-After", str(retry_after))
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
+
+    async def queue_full(_: Request, exc: Exception) -> Response:
+        return error_response(503, Overloaded.code, str(exc), headers={"Retry-After": str(retry_after)})
+
+    async def batch_failed(_: Request, exc: Exception) -> Response:
+        log.error("inference batch failed: %s", exc)
+        return error_response(500, InferenceFailed.code, str(exc))
+
+    async def request_validation(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        message, field = validation_message(list(exc.errors()))
+        return error_response(422, InvalidInput.code, message, field)
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(QueueFull, queue_full)
+    app.add_exception_handler(BatchFailed, batch_failed)
+    app.add_exception_handler(RequestValidationError, request_validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

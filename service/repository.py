@@ -1,0 +1,181 @@
+"""The model repository: every `<name>/<version>/` under VAE_MODEL_DIR, verified and loaded.
+
+A version whose manifest fails the schema, whose files fail their sha256, or whose graphs do not
+load is refused with a log line and a metric; the rest are served.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from service.batching import Batcher
+from service.errors import ModelNotFound
+from service.manifest import GRAPH_FILES, Manifest, ManifestError, read_manifest
+from service.metrics import Metrics
+from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
+from service.scoring import common_noise
+from service.settings import Settings
+
+log = logging.getLogger("vaeserve")
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    folder: Path
+    runtime: Runtime
+    device: str
+    encoder: Batcher  # x [N, D] (model space) -> mean, logvar
+    decoder: Batcher  # z [N, L] -> x_mean [N, D] (model space)
+    runtime_timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.shift, self.scale = self.manifest.preprocessing.arrays()
+        self.inv_scale = (1.0 / self.scale).astype(np.float32)
+        self.input_shape = tuple(self.manifest.input_shape)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    @property
+    def latent_dim(self) -> int:
+        return self.manifest.latent_dim
+
+    def to_model_space(self, x: np.ndarray) -> np.ndarray:
+        return (x - self.shift) * self.inv_scale
+
+    def to_data_space(self, y: np.ndarray) -> np.ndarray:
+        return y * self.scale + self.shift
+
+    def noise(self, samples: int) -> np.ndarray:
+        """The fixed scoring noise for K samples (the calibration's seed): same row, same score."""
+        return _noise(samples, self.latent_dim, self.manifest.calibration.seed)
+
+
+@lru_cache(maxsize=64)
+def _noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
+    eps = common_noise(samples, latent_dim, seed)
+    eps.setflags(write=False)
+    return eps
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    return "cuda" if cuda_available() else "cpu"
+
+
+def _time_graph(graph: Graph, width: int) -> float:
+    """Seconds for one batch-1 call plus one batch-64 call (medians), to pick the faster runtime."""
+    total = 0.0
+    for batch, reps in ((1, 200), (64, 50)):
+        x = np.random.default_rng(0).random((batch, width), dtype=np.float32)
+        for _ in range(10):
+            graph(x)
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            graph(x)
+            times.append(time.perf_counter() - start)
+        total += float(np.median(times))
+    return total
+
+
+def _check_graphs(manifest: Manifest, encoder: Graph, decoder: Graph) -> None:
+    mean, logvar = encoder(np.zeros((2, manifest.input_dim), dtype=np.float32))
+    (out,) = decoder(np.zeros((2, manifest.latent_dim), dtype=np.float32))
+    if mean.shape != (2, manifest.latent_dim) or logvar.shape != mean.shape or out.shape != (2, manifest.input_dim):
+        raise ManifestError(f"graphs return shapes {mean.shape}, {logvar.shape}, {out.shape}; the manifest says "
+                            f"latent {manifest.latent_dim}, input {manifest.input_dim}")
+
+
+class Repository:
+    def __init__(self, settings: Settings, metrics: Metrics, executor: Executor | None):
+        self.settings = settings
+        self.metrics = metrics
+        self.executor = executor
+        self.device = resolve_device(settings.device)
+        self.models: dict[str, dict[int, LoadedModel]] = {}
+        self.failures: dict[str, str] = {}
+
+    def load_all(self) -> None:
+        root = self.settings.model_dir
+        if not root.is_dir():
+            log.error("model repository %s does not exist", root)
+            return
+        for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            for version_dir in sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
+                                      key=lambda p: int(p.name)):
+                try:
+                    model = self.load_version(version_dir)
+                except Exception as e:  # noqa: BLE001 - one broken model must not stop the others
+                    key = f"{model_dir.name}/{version_dir.name}"
+                    self.failures[key] = str(e)
+                    self.metrics.load_failures.labels(model_dir.name, version_dir.name).inc()
+                    log.error("refusing model %s: %s", key, e)
+                    continue
+                self.models.setdefault(model.name, {})[model.version] = model
+                self.metrics.model_info.labels(model.name, str(model.version), model.runtime, model.device).set(1)
+                log.info("loaded model %s/%d (%s on %s)", model.name, model.version, model.runtime, model.device)
+
+    def load_version(self, folder: Path) -> LoadedModel:
+        manifest = read_manifest(folder)
+        if manifest.name != folder.parent.name or str(manifest.version) != folder.name:
+            raise ManifestError(f"the manifest says {manifest.name}/{manifest.version} but lives in "
+                                f"{folder.parent.name}/{folder.name}")
+        s = self.settings
+        candidates: tuple[Runtime, ...] = RUNTIMES if s.runtime == "auto" else (s.runtime,)
+        loaded: dict[Runtime, tuple[Graph, Graph]] = {}
+        errors = []
+        for runtime in candidates:
+            try:
+                enc = load_graph(folder / GRAPH_FILES["encoder", runtime], runtime, self.device, s.threads)
+                dec = load_graph(folder / GRAPH_FILES["decoder", runtime], runtime, self.device, s.threads)
+                _check_graphs(manifest, enc, dec)
+                loaded[runtime] = (enc, dec)
+            except Exception as e:  # noqa: BLE001 - try the other runtime under auto
+                errors.append(f"{runtime}: {e}")
+        if not loaded:
+            raise ManifestError("no runtime could load the graphs: " + "; ".join(errors))
+        timings = {r: _time_graph(g[0], manifest.input_dim) for r, g in loaded.items()} if len(loaded) > 1 else {}
+        runtime = min(timings, key=lambda r: timings[r]) if timings else next(iter(loaded))
+        encoder_graph, decoder_graph = loaded[runtime]
+
+        def batcher(graph: Graph, network: str) -> Batcher:
+            return Batcher(graph, name=f"{manifest.name}/{manifest.version}/{network}",
+                           max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
+                           max_queue_rows=s.max_queue_rows, executor=self.executor,
+                           metrics=self.metrics.network(manifest.name, manifest.version, network))
+
+        return LoadedModel(manifest=manifest, folder=folder, runtime=runtime, device=self.device,
+                           encoder=batcher(encoder_graph, "encoder"), decoder=batcher(decoder_graph, "decoder"),
+                           runtime_timings={k: round(v * 1e6, 1) for k, v in timings.items()})
+
+    def get(self, name: str | None, version: int | None) -> LoadedModel:
+        name = name or self.settings.default_model
+        versions = self.models.get(name)
+        if not versions:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {known})", field="model")
+        if version is None:
+            return versions[max(versions)]
+        if version not in versions:
+            raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})",
+                                field="version")
+        return versions[version]
+
+    @property
+    def default_loaded(self) -> bool:
+        return bool(self.models.get(self.settings.default_model))

@@ -1,0 +1,48 @@
+"""Service settings: one pydantic-settings class, read from VAE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field is `VAE_<NAME>` in the environment; the README lists them all."""
+
+    model_config = SettingsConfigDict(env_prefix="VAE_", env_file=None, extra="ignore", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    model_dir: Path = Path("models")
+    default_model: str = "digits"
+    runtime: Literal["auto", "onnx", "torchscript"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=0, description="intra-op threads per graph (0 = the runtime's default)")
+    max_batch_size: int = Field(256, ge=1, description="rows merged into one forward pass")
+    max_batch_delay_ms: float = Field(0.0, ge=0, le=1000, description="wait to fill a batch; 0 = none")
+    max_queue_rows: int = Field(8192, ge=1, description="rows waiting per network before 503")
+    max_rows: int = Field(1024, ge=1, description="rows per request (inputs, latents, n)")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_samples: int = Field(1000, ge=1, description="importance samples per row for /anomaly-score")
+    max_decode_rows: int = Field(131072, ge=1, description="rows x samples per /anomaly-score request")
+    max_steps: int = Field(256, ge=2, description="points per /interpolate request")
+    request_timeout: float = Field(30.0, gt=0, description="seconds before a request gets 504")
+    retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = False
+
+    @model_validator(mode="after")
+    def _limits_agree(self) -> Settings:
+        if self.max_queue_rows < self.max_rows:
+            raise ValueError(f"max_queue_rows ({self.max_queue_rows}) must be at least max_rows ({self.max_rows}), "
+                             "or a maximal request could never be queued")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
