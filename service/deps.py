@@ -27,7 +27,7 @@ class AppState:
         return self.repository
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.vae
     return state
 
