@@ -99,40 +99,33 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return message, field
 
 
-def install_handlers(app: FastAPI, retry_after: int) -> None:
-    """Map every error to the one JSON body; unknown exceptions become a logged 500."""
-
-    async def service_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ServiceError)
+def response_for(exc: Exception, retry_after: int) -> Response:
+    """The one mapping from an exception to its HTTP response; unknown ones become a logged 500."""
+    if isinstance(exc, ServiceError):
         headers = dict(exc.headers)
         if exc.status == 503:
             headers.setdefault("Retry-After", str(retry_after))
         return error_response(exc.status, exc.code, exc.message, exc.field, headers)
-
-    async def queue_full(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, QueueFull):
         return error_response(503, Overloaded.code, str(exc), headers={"Retry-After": str(retry_after)})
-
-    async def batch_failed(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, BatchFailed):
         log.error("inference batch failed: %s", exc)
         return error_response(500, InferenceFailed.code, str(exc))
-
-    async def request_validation(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
+    if isinstance(exc, RequestValidationError):
         message, field = validation_message(list(exc.errors()))
         return error_response(422, InvalidInput.code, message, field)
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
+    if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+    log.error("unhandled error", exc_info=exc)
+    return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
 
-    app.add_exception_handler(ServiceError, service_error)
-    app.add_exception_handler(QueueFull, queue_full)
-    app.add_exception_handler(BatchFailed, batch_failed)
-    app.add_exception_handler(RequestValidationError, request_validation)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+def install_handlers(app: FastAPI, retry_after: int) -> None:
+    """Route every exception FastAPI sees through `response_for`."""
+
+    async def handle(_: Request, exc: Exception) -> Response:
+        return response_for(exc, retry_after)
+
+    for kind in (ServiceError, QueueFull, BatchFailed, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

@@ -127,6 +127,10 @@ async def anomaly_score(request: Request, state: State) -> Response:
     return await serve(request, state, "anomaly-score", schemas.AnomalyParams, run)
 
 
+ARRAY_ENDPOINTS = {"/encode": encode, "/decode": decode, "/reconstruct": reconstruct, "/sample": sample,
+                   "/interpolate": interpolate, "/anomaly-score": anomaly_score}
+
+
 def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     m = model.manifest
     cal = m.calibration
