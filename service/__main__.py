@@ -3,19 +3,51 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
-from service.app import create_app
-from service.settings import get_settings
+from service.settings import Settings, get_settings
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_metrics() -> Path:
+    """Several workers share metrics through prometheus-client's multiprocess mode.
+
+    The directory must exist and be empty before any worker starts, and workers read the variable
+    when they import prometheus_client: they are fresh processes, so setting it here is in time.
+    """
+    folder = os.environ.get(MULTIPROC_ENV)
+    path = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="vae-metrics-"))
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    return path
+
+
+def run(settings: Settings) -> None:
+    common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
+              "access_log": settings.access_log, "timeout_graceful_shutdown": 30}
+    if settings.workers == 1:
+        from service.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+    else:
+        prepare_multiprocess_metrics()
+        uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
 
 
 def main() -> int:
     settings = get_settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=settings.access_log, loop="auto", http="auto", timeout_graceful_shutdown=30)
+    run(settings)
     return 0
 
 

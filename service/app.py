@@ -5,18 +5,20 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service.deps import AppState
 from service.errors import install_handlers, response_for
-from service.metrics import Metrics
+from service.metrics import Metrics, multiprocess_dir
 from service.repository import Repository
 from service.routes import ARRAY_ENDPOINTS, router
 from service.settings import Settings, get_settings
@@ -75,11 +77,12 @@ def create_app(settings: Settings | None = None) -> VAEApp:
         async def load() -> None:
             try:
                 await asyncio.to_thread(repository.load_all)
+                state.repository = repository
             except Exception as e:  # noqa: BLE001 - reported by /health/ready and the log
                 log.exception("loading the model repository failed")
                 state.load_error = f"loading the model repository failed: {e}"
-                return
-            state.repository = repository
+            finally:
+                state.loaded.set()
             # Everything loaded so far (torch, onnxruntime, the graphs) lives for the whole process:
             # move it out of the cyclic GC's reach, or every full collection walks it (~70 ms with
             # torch imported) and shows up as a latency spike under load.
@@ -94,6 +97,8 @@ def create_app(settings: Settings | None = None) -> VAEApp:
         finally:
             loading.cancel()
             executor.shutdown(wait=True, cancel_futures=False)
+            if multiprocess_dir() is not None:
+                prom_multiprocess.mark_process_dead(os.getpid())
 
     app = VAEApp(title="vaeserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.vae = app.vae = state

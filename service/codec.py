@@ -50,7 +50,8 @@ def media_type(content_type: str | None) -> str:
         return kind
     if kind in ("application/octet-stream", "application/npy"):
         return NPY
-    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported; send {JSON} or {NPY}")
+    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported; send {JSON} or {NPY} "
+                               "(with curl: --json, or -H 'Content-Type: application/json')")
 
 
 def parse_json(body: bytes) -> dict[str, Any]:

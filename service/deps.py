@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -19,11 +20,15 @@ class AppState:
     metrics: Metrics
     repository: Repository | None = None
     load_error: str | None = None
-    ready: bool = field(default=False)
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def require_repository(self) -> Repository:
+    async def loaded_repository(self) -> Repository:
+        """The repository, once loading has finished: a request arriving during warm-up waits for
+        it (within its timeout) instead of failing; /health/ready reports the loading state."""
+        if not self.loaded.is_set():
+            await self.loaded.wait()
         if self.repository is None:
-            raise NotReady(self.load_error or "models are still loading; retry shortly")
+            raise NotReady(self.load_error or "the model repository did not load")
         return self.repository
 
 

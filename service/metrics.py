@@ -56,7 +56,7 @@ class Metrics:
                                  registry=r)
         self.scored = Counter("vae_anomaly_rows_scored", "Rows scored by /anomaly-score", model_labels, registry=r)
         self.model_info = Gauge("vae_model_info", "Loaded model versions (value 1), with runtime and device",
-                                (*model_labels, "runtime", "device"), registry=r, multiprocess_mode="livesum")
+                                (*model_labels, "runtime", "device"), registry=r, multiprocess_mode="livemax")
         self.load_failures = Counter("vae_model_load_failures", "Model versions refused at start", model_labels,
                                      registry=r)
 

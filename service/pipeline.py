@@ -74,7 +74,7 @@ def validate_params(params_type: type[P], data: dict[str, Any], *, strict: bool)
 
 async def parse(request: Request, state: AppState, params_type: type[P]) -> Call:
     settings = state.settings
-    repository = state.require_repository()
+    repository = await state.loaded_repository()
     kind = codec.media_type(request.headers.get("content-type"))
     body = await codec.read_body(request.stream(), request.headers.get("content-length"), settings.max_body_bytes)
     npy = None

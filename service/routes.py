@@ -148,7 +148,7 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
 
 @router.get("/models", summary="Loaded models and their versions; refused versions with the reason")
 async def list_models(state: State) -> Response:
-    repo = state.require_repository()
+    repo = await state.loaded_repository()
     body = {
         "default": state.settings.default_model,
         "models": [{"name": name, "versions": sorted(v), "latest": max(v)} for name, v in sorted(repo.models.items())],
@@ -160,7 +160,7 @@ async def list_models(state: State) -> Response:
 @router.get("/models/{name}", response_model=schemas.ModelVersionInfo, responses=ERRORS,
             summary="What a caller needs to know about a model (version: latest unless given)")
 async def model_info(name: str, state: State, version: int | None = None) -> Response:
-    repo = state.require_repository()
+    repo = await state.loaded_repository()
     model = repo.get(name, version)
     return Response(encode_json(_info(model, sorted(repo.models[model.name]))), media_type=JSON)
 

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     max_steps: int = Field(256, ge=2, description="points per /interpolate request")
     request_timeout: float = Field(30.0, gt=0, description="seconds before a request gets 504")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 503")
+    workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; batching is per process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
 

@@ -111,3 +111,37 @@ async def test_cuda_matches_cpu(tmp_path, runtime):
         gpu = (await client.post("/reconstruct", json={"inputs": x})).json()
     np.testing.assert_allclose(gpu["latents"], cpu["latents"], atol=1e-4)
     np.testing.assert_allclose(gpu["outputs"], cpu["outputs"], atol=16e-4)
+
+
+async def test_requests_during_loading_wait_while_ready_says_503(tmp_path, monkeypatch):
+    import asyncio
+    import threading
+
+    import httpx
+
+    from service.app import create_app
+    from service.repository import Repository
+    from service.settings import Settings
+
+    copy_model(tmp_path, "digits", 1)
+    release = threading.Event()
+    real_load_all = Repository.load_all
+
+    def slow_load_all(self):
+        assert release.wait(30)
+        real_load_all(self)
+
+    monkeypatch.setattr(Repository, "load_all", slow_load_all)
+    app = create_app(Settings(model_dir=tmp_path))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            r = await client.get("/health/ready")
+            assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+            assert (await client.get("/health/live")).status_code == 200
+            pending = asyncio.create_task(client.post("/encode", json={"inputs": digits_rows(1).tolist()}))
+            await asyncio.sleep(0.2)
+            assert not pending.done()
+            release.set()
+            assert (await pending).status_code == 200
+            assert (await client.get("/health/ready")).status_code == 200
