@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench
+.PHONY: setup run test lint bench system-tools
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,20 @@ setup: $(STAMP)
 run: setup
 	$(BIN)/vae-serve
 
-test: setup
+# Tools the integration tests use from Debian: Prometheus (with promtool) and wrk. Installed when
+# missing and possible (root with apt-get); otherwise the tests that need them skip and say why.
+system-tools:
+	@missing=""; for t in prometheus promtool wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian packages for:$$missing"; \
+			apt-get update -qq >/dev/null && \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null \
+			|| echo "could not install prometheus/wrk: their tests will skip"; \
+		else echo "prometheus/wrk missing and not installable here (needs root and apt-get): their tests will skip"; fi; \
+	fi
+
+test: setup system-tools
 	$(BIN)/python -m pytest
 
 lint: setup
