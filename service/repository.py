@@ -39,6 +39,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.shift, self.scale = self.manifest.preprocessing.arrays()
         self.inv_scale = (1.0 / self.scale).astype(np.float32)
+        self.identity = bool(np.all(self.shift == 0) and np.all(self.scale == 1))
         self.input_shape = tuple(self.manifest.input_shape)
 
     @property
@@ -54,10 +55,19 @@ class LoadedModel:
         return self.manifest.latent_dim
 
     def to_model_space(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.shift) * self.inv_scale
+        """float32 [N, D], C-contiguous, a new array (the caller's may be a read-only view)."""
+        if self.identity:
+            return np.array(x, dtype=np.float32, order="C")
+        out = np.subtract(x, self.shift, dtype=np.float32)
+        out *= self.inv_scale
+        return out
 
     def to_data_space(self, y: np.ndarray) -> np.ndarray:
-        return y * self.scale + self.shift
+        if self.identity:
+            return y
+        out = y * self.scale
+        out += self.shift
+        return out
 
     def noise(self, samples: int) -> np.ndarray:
         """The fixed scoring noise for K samples (the calibration's seed): same row, same score."""
