@@ -39,5 +39,5 @@ lint: setup
 	$(BIN)/ruff check training service tests
 	$(BIN)/mypy training service
 
-bench: setup
+bench: setup system-tools
 	$(BIN)/vae-bench

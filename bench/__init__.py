@@ -1,0 +1,1 @@
+"""`vae-bench`: throughput and latency of vaeserve under concurrent load, against baselines."""

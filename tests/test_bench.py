@@ -1,0 +1,99 @@
+"""The benchmark harness: targets and report from known figures, and one short real run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from bench.raw import at_batch
+from bench.report import markdown, plot, targets
+from bench.workloads import MNIST_NAME, WORKLOADS, mnist_like_row
+
+
+def synthetic_run() -> dict:
+    def c(label: str, req: float, p50: float, p99: float, rows: int = 1, errors: int = 0) -> dict:
+        w = next(w for w in WORKLOADS if w.label == label)
+        return {"connections": w.connections, "single_row": w.single_row, "req_per_s": req, "rows_per_s": req * rows,
+                "p50_ms": p50, "p95_ms": p99, "p99_ms": p99, "errors": errors, "mean_batch": 4.0}
+
+    on = {w.label: c(w.label, 1000, 1, 2, w.rows) for w in WORKLOADS}
+    on["encode 1 row c=1"] = c("encode 1 row c=1", 5000, 0.20, 0.3)
+    on["encode 1 row c=64"] = c("encode 1 row c=64", 9000, 6.0, 30.0)  # p99 worse than TorchServe's below
+    on["encode 64 rows JSON c=16"] = c("encode 64 rows JSON c=16", 470, 30, 40, rows=64)
+    on["encode 64 rows npy c=16"] = c("encode 64 rows npy c=16", 2000, 5, 7, rows=64)
+    off = {"encode 1 row c=1": c("encode 1 row c=1", 5100, 0.19, 0.3)}
+    peers = {
+        "torchserve-batch64": {"cells": {"c=64": {"req_per_s": 4000, "rows_per_s": 4000, "p50_ms": 13, "p99_ms": 26,
+                                                  "errors": 0}}},
+        "fastapi-async": {"cells": {"c=1": {"req_per_s": 2000, "rows_per_s": 2000, "p50_ms": 0.48, "p99_ms": 0.8,
+                                            "errors": 0}}},
+        "pytriton-dynbatch64": {"cells": {"bulk": {"req_per_s": 170, "rows_per_s": 10880, "p50_ms": 90,
+                                                   "p99_ms": 140, "errors": 0}}},
+    }
+    raw = {"onnx": {"1": 50000.0, "64": 300000.0, "256": 320000.0}}
+    return {"started": "2026-01-01 00:00", "machine": "test", "duration_s": 10, "warmup_s": 3, "runtime": "onnx",
+            "service": {"batching": {MNIST_NAME: on}, "no_batching": {MNIST_NAME: off}},
+            "raw": {MNIST_NAME: raw}, "peers": peers, "target_model": MNIST_NAME}
+
+
+def test_targets_compare_against_the_same_run():
+    by_name = {t["target"]: t for t in targets(synthetic_run(), MNIST_NAME)}
+    assert by_name["c=64 req/s >= 1.5x TorchServe"]["reference"] == 6000
+    assert by_name["c=64 req/s >= 1.5x TorchServe"]["holds"] is True
+    assert by_name["c=64 p99 <= TorchServe's"]["holds"] is False  # 30 ms > 26 ms
+    assert by_name["c=64 zero errors"]["holds"] is True
+    assert by_name["c=1 p50 <= naive FastAPI's"]["holds"] is True
+    assert by_name["c=1 p50 within 10% of batching off"]["reference"] == pytest.approx(0.209)
+    assert by_name["c=1 p50 within 10% of batching off"]["holds"] is True
+    assert by_name["64 rows JSON c=16 rows/s >= 1.5x Triton"]["holds"] is True  # 30,080 >= 16,320
+    npy = by_name["64 rows npy c=16 rows/s >= 50% of raw batch-64 (onnx)"]
+    assert npy["reference"] == 150000 and npy["holds"] is False  # 128,000 < 150,000
+
+
+def test_targets_say_not_measured_without_peers():
+    run = synthetic_run()
+    run["peers"] = None
+    by_name = {t["target"]: t for t in targets(run, MNIST_NAME)}
+    assert by_name["c=64 req/s >= 1.5x TorchServe"]["holds"] is None
+    assert by_name["c=64 zero errors"]["holds"] is True
+
+
+def test_report_and_plot(tmp_path):
+    run = synthetic_run()
+    run["targets"] = targets(run, MNIST_NAME)
+    text = markdown(run)
+    assert "| encode 1 row c=64 | 9,000 | 9,000 | 6.00 |" in text
+    assert "| c=64 p99 <= TorchServe's | 30.00 ms | 26.00 | **no** |" in text
+    assert "torchserve-batch64" in text
+    plot(run, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_raw_limit_interpolates_on_log_batch():
+    limits = {1: 100.0, 4: 300.0, 16: 500.0}
+    assert at_batch(limits, 1) == 100 and at_batch(limits, 2) == pytest.approx(200)
+    assert at_batch(limits, 8) == pytest.approx(400) and at_batch(limits, 64) == 500
+
+
+def test_benchmark_row_looks_like_an_mnist_digit():
+    row = mnist_like_row()
+    assert len(row) == 784 and min(row) == 0 and max(row) <= 1
+    assert 150 < sum(v > 0 for v in row) < 300
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (make test installs Debian's package)")
+def test_a_short_real_run_writes_its_report(tmp_path):
+    from bench.cli import main
+
+    assert main(["--quick", "--duration", "1", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    (result,) = tmp_path.glob("*.json")
+    run = json.loads(result.read_text())
+    cells = run["service"]["batching"][MNIST_NAME]
+    assert set(cells) == {w.label for w in WORKLOADS}
+    assert all(c["errors"] == 0 and c["req_per_s"] > 0 for c in cells.values())
+    assert cells["encode 1 row c=64"]["mean_batch"] > 1  # batches formed
+    assert run["service"]["no_batching"][MNIST_NAME]["encode 1 row c=64"]["mean_batch"] == 1
+    assert result.with_suffix(".md").exists() and result.with_suffix(".png").exists()
+    assert "Peers not measured in this run: --quick" in result.with_suffix(".md").read_text()
