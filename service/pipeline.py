@@ -87,7 +87,7 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         data = codec.parse_json(body)
         arrays = {k: data.pop(k) for k in ARRAY_FIELDS if k in data}
         params = validate_params(params_type, data, strict=True)
-        maybe_bools = b"true" in body or b"false" in body
+        maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=settings, maybe_bools=maybe_bools)
 

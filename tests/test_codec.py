@@ -52,3 +52,17 @@ def test_npz_writer_loads_with_numpy_without_pickle():
     np.testing.assert_array_equal(loaded["flags"], payload["flags"])
     np.testing.assert_array_equal(loaded["row"], payload["row"])
     assert loaded["threshold"] == 1.5
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"inputs": [[1.0, 2e-5, -3]]}', False),
+    (b'{"inputs": [[1.0, true]]}', True),
+    (b'{"inputs": [[1.0]], "sample": false}', True),
+    (b'{"test": "fft", "inputs": [[0]]}', False),
+    (b'{"x": "truefalse"}', True),  # conservative: a string mentioning them only costs the exact scan
+    (b"", False),
+])
+def test_may_hold_booleans(body, expected):
+    from service.codec import may_hold_booleans
+
+    assert may_hold_booleans(body) is expected
