@@ -32,6 +32,7 @@ from bench.workloads import (
     mnist_like_row,
     write_bodies,
 )
+from service.repository import resolve_device
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,9 +148,12 @@ def main(argv: list[str] | None = None) -> int:
         os.symlink(REPO / "models" / "digits" / "1", repo / "digits" / "1")
         rows = {MNIST_NAME: mnist_like_row(), "digits": digits_row()}
         bar.set_description("raw in-process limit")
+        device = resolve_device(os.environ.get("VAE_DEVICE", "auto"))  # the service's own choice
+        run["device"] = device
         for model in models:
             folder = mnist_folder if model == MNIST_NAME else REPO / "models" / "digits" / "1"
-            rates = raw_limit.rows_per_second(folder, len(rows[model]), window_s=0.1 if args.quick else 0.25)
+            rates = raw_limit.rows_per_second(folder, len(rows[model]), device=device,
+                                              window_s=0.1 if args.quick else 0.25)
             run["raw"][model] = {rt: {str(b): v for b, v in r.items()} for rt, r in rates.items()}
         bar.update(1)
         for model in models:

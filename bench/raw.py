@@ -13,12 +13,15 @@ from service.runtime import RUNTIMES, load_graph
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
-def rows_per_second(model_dir: Path, width: int, *, threads: int = 1, window_s: float = 0.25,
+def rows_per_second(model_dir: Path, width: int, *, device: str = "cpu", threads: int = 1, window_s: float = 0.25,
                     reps: int = 5) -> dict[str, dict[int, float]]:
-    """Median over `reps` timed windows, for each runtime and batch size."""
+    """Median over `reps` timed windows, for each runtime (that loads on the device) and batch size."""
     out: dict[str, dict[int, float]] = {}
     for runtime in RUNTIMES:
-        graph = load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, "cpu", threads)
+        try:
+            graph = load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, device, threads)
+        except RuntimeError:  # e.g. onnxruntime without its CUDA provider on a GPU host
+            continue
         out[runtime] = {}
         for batch in BATCHES:
             x = np.random.default_rng(0).random((batch, width), dtype=np.float32)

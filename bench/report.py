@@ -68,7 +68,8 @@ def _pct(v: float | None) -> str:
 def markdown(run: Result) -> str:
     lines = [f"# vaeserve benchmark, {run['started']}", "",
              f"{run['machine']}; {run['duration_s']:g} s per cell after {run['warmup_s']:g} s warm-up; "
-             f"service runtime {run.get('runtime')}, VAE_THREADS=1; load generator: wrk.", ""]
+             f"device {run.get('device', 'cpu')}, service runtime {run.get('runtime')}, VAE_THREADS=1; "
+             "load generator: wrk.", ""]
     for variant, title in (("batching", "vaeserve"), ("no_batching", "vaeserve, batching off (VAE_MAX_BATCH_SIZE=1)")):
         for model, cells in run["service"].get(variant, {}).items():
             lines += [f"## {title}: {model}", "",
@@ -83,7 +84,7 @@ def markdown(run: Result) -> str:
             lines.append("")
     for model, runtimes in run["raw"].items():
         sizes = sorted({int(b) for r in runtimes.values() for b in r})
-        lines += [f"## Raw limit (in-process, no HTTP, 1 thread): {model}", "",
+        lines += [f"## Raw limit (in-process, no HTTP, 1 thread, {run.get('device', 'cpu')}): {model}", "",
                   "| runtime | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
         for runtime, rates in runtimes.items():
             lines.append(f"| {runtime} | " + " | ".join(_num(rates.get(str(b))) for b in sizes) + " |")
