@@ -99,6 +99,19 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return message, field
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception maps to (what `response_for` answers)."""
+    if isinstance(exc, ServiceError):
+        return exc.status
+    if isinstance(exc, QueueFull):
+        return 503
+    if isinstance(exc, RequestValidationError):
+        return 422
+    if isinstance(exc, StarletteHTTPException):
+        return exc.status_code
+    return 500
+
+
 def response_for(exc: Exception, retry_after: int) -> Response:
     """The one mapping from an exception to its HTTP response; unknown ones become a logged 500."""
     if isinstance(exc, ServiceError):

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.responses import Response
 
 from service import codec
-from service.batching import BatchFailed, QueueFull
 from service.deps import AppState
-from service.errors import InvalidInput, ServiceError, Timeout, validation_message
+from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.repository import LoadedModel
 from service.schemas import ARRAY_FIELDS
 from service.settings import Settings
@@ -92,14 +91,6 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=settings, maybe_bools=maybe_bools)
 
 
-def _status_of(exc: BaseException) -> int:
-    if isinstance(exc, ServiceError):
-        return exc.status
-    if isinstance(exc, QueueFull):
-        return 503
-    return 500
-
-
 async def serve(request: Request, state: AppState, endpoint: str, params_type: type[BaseModel],
                 run: Callable[[Call], Awaitable[dict[str, Any]]]) -> Response:
     start = time.perf_counter()
@@ -121,8 +112,8 @@ async def serve(request: Request, state: AppState, endpoint: str, params_type: t
             response = Response(codec.encode_json(payload), media_type=codec.JSON)
         status = 200
         return response
-    except (ServiceError, QueueFull, BatchFailed) as exc:
-        status = _status_of(exc)
+    except Exception as exc:
+        status = status_of(exc)
         raise
     finally:
         metrics = state.metrics
