@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
@@ -64,12 +65,13 @@ class _Item:
 class Batcher:
     def __init__(self, fn: BatchFn, *, name: str, max_batch_size: int, max_delay_s: float, max_queue_rows: int,
                  executor: Executor | None = None, metrics: BatcherMetrics | None = None):
+        """`executor` runs the forward passes (one thread is the intent); a private one if None."""
         self.fn = fn
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
-        self.executor = executor
+        self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
         self.metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
@@ -145,8 +147,10 @@ class Batcher:
         if self.metrics is not None:
             for item in items:
                 self.metrics.queue_wait.observe(now - item.enqueued)
-        task = loop.run_in_executor(self.executor, self._run, [item.rows for item in items])
-        task.add_done_callback(lambda done: self._finish(loop, items, done))
+        # The worker thread hands the outcome straight back with call_soon_threadsafe: one loop pass,
+        # where run_in_executor's wrapping asyncio future cost another (and an object per batch).
+        done = self.executor.submit(self._run, [item.rows for item in items])
+        done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._finish, loop, items, outcome))
 
     def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
         """In the executor thread: stack, run, check the batch kept its rows."""
@@ -160,7 +164,7 @@ class Batcher:
         return outputs, seconds
 
     def _finish(self, loop: asyncio.AbstractEventLoop, items: list[_Item],
-                done: asyncio.Future[tuple[Sequence[np.ndarray], float]]) -> None:
+                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float]]) -> None:
         try:
             outputs, seconds = done.result()
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch must hear of it
