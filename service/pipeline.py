@@ -77,10 +77,15 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     kind = codec.media_type(request.headers.get("content-type"))
     body = await codec.read_body(request.stream(), request.headers.get("content-length"), settings.max_body_bytes)
     npy = None
-    if kind == codec.NPY:
-        npy = codec.parse_npy(body)
+    if not body.strip() and request.query_params:
+        # No body: the fields come from the query string, as with .npy bodies (`POST /sample?n=4&seed=7`).
         params = validate_params(params_type, dict(request.query_params), strict=False)
         arrays: dict[str, Any] = {}
+        maybe_bools = False
+    elif kind == codec.NPY:
+        npy = codec.parse_npy(body)
+        params = validate_params(params_type, dict(request.query_params), strict=False)
+        arrays = {}
         maybe_bools = False
     else:
         data = codec.parse_json(body)

@@ -72,6 +72,9 @@ async def reconstruct(request: Request, state: State) -> Response:
 async def sample(request: Request, state: State) -> Response:
     async def run(call: Call) -> dict[str, Any]:
         p = call.params
+        if call.npy is not None:
+            raise InvalidInput("/sample takes no array: send its fields as JSON, or as query parameters with no "
+                               "body (Accept: application/x-npz still answers .npz)")
         call.check_range("n", p.n, call.settings.max_rows, "VAE_MAX_ROWS")
         return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature)
     return await serve(request, state, "sample", schemas.SampleParams, run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 
@@ -105,6 +106,14 @@ async def test_bad_raw_body(client, body, headers, status, message):
 async def test_bad_query_parameters_on_npy_bodies(client):
     r = await client.post("/encode?seed=abc", content=npy_bytes(np.ones((1, 64))), headers=NPY)
     assert r.status_code == 422 and r.json()["error"]["field"] == "seed"
+
+
+async def test_sample_refuses_an_array_body(client):
+    r = await client.post("/sample?n=2", content=npy_bytes(np.ones((2, 8))), headers=NPY)
+    assert r.status_code == 422 and "/sample takes no array" in r.json()["error"]["message"]
+    r = await client.post("/sample?n=2&seed=1", headers={"Accept": "application/x-npz"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-npz"
+    assert np.load(io.BytesIO(r.content))["outputs"].shape == (2, 64)  # fields from the query string
 
 
 async def test_not_acceptable(client):
