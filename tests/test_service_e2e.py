@@ -7,7 +7,6 @@ import concurrent.futures
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,13 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.server import free_port
 from tests.service_helpers import DEFAULT_MODEL, Reference, digits_rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(model_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
