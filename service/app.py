@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None) -> VAEApp:
     app.include_router(router)
     app.direct = dict(ARRAY_ENDPOINTS)
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)", include_in_schema=True)
+    @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.exposition_registry()), media_type=CONTENT_TYPE_LATEST)
 

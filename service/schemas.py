@@ -11,9 +11,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.manifest import NAME_PATTERN
+
 ARRAY_FIELDS = ("inputs", "latents", "start", "end", "start_latent", "end_latent")
-Rows = list[list[float]]
-Row = list[float]
+Row = Annotated[list[float], Field(min_length=1)]
+Rows = Annotated[list[Row], Field(min_length=1)]
 Seed = Annotated[int | None, Field(None, ge=0, lt=2**63, description="seeds this request's noise; null = random")]
 
 _DIGIT_ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8,
@@ -30,7 +32,7 @@ def _examples(*examples: dict[str, Any]) -> ConfigDict:
 class Common(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    model: str | None = Field(None, max_length=64, description="model name; null = VAE_DEFAULT_MODEL")
+    model: str | None = Field(None, pattern=NAME_PATTERN, description="model name; null = VAE_DEFAULT_MODEL")
     version: int | None = Field(None, ge=1, description="model version; null = the latest")
 
 

@@ -48,6 +48,7 @@ JSON_CASES = [
     ("/encode", {"inputs": [ROW], "seed": -1}, 422, "seed", "greater than or equal to 0"),
     ("/encode", {"inputs": [ROW], "sedd": 1}, 422, "sedd", "Extra inputs are not permitted"),
     ("/encode", {"inputs": [ROW], "model": "nope"}, 404, "model", "model 'nope' is not loaded (loaded: digits)"),
+    ("/encode", {"inputs": [ROW], "model": ""}, 422, "model", "should match pattern"),
     ("/encode", {"inputs": [ROW], "version": 9}, 404, "version", "has no version 9 (versions: [1])"),
     ("/encode", {"inputs": [ROW], "version": 0}, 422, "version", "greater than or equal to 1"),
     ("/decode", {"latents": [[0.0] * 7]}, 422, "latents", "must have 8 values; got rows of shape [7]"),
