@@ -34,7 +34,9 @@ def prepare_multiprocess_metrics() -> Path:
 
 def run(settings: Settings) -> None:
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-              "access_log": settings.access_log, "timeout_graceful_shutdown": 30}
+              "access_log": settings.access_log, "timeout_graceful_shutdown": 30,
+              # X-Forwarded-For only feeds the access log's client address; skip it unless that log is on.
+              "proxy_headers": settings.access_log}
     if settings.workers == 1:
         from service.app import create_app
 

@@ -57,8 +57,19 @@ class Metrics:
         self.scored = Counter("vae_anomaly_rows_scored", "Rows scored by /anomaly-score", model_labels, registry=r)
         self.model_info = Gauge("vae_model_info", "Loaded model versions (value 1), with runtime and device",
                                 (*model_labels, "runtime", "device"), registry=r, multiprocess_mode="livemax")
+        self._request_children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
         self.load_failures = Counter("vae_model_load_failures", "Model versions refused at start", model_labels,
                                      registry=r)
+
+    def record_request(self, labels: tuple[str, str], endpoint: str, status: int, seconds: float) -> None:
+        """Count and time one request; the label children are looked up once per combination."""
+        key = (*labels, endpoint, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*labels, endpoint, str(status)), self.latency.labels(*labels, endpoint))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def network(self, model: str, version: int, network: str) -> NetworkMetrics:
         labels = (model, str(version), network)

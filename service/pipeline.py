@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import codec
@@ -63,6 +64,18 @@ class Call:
             raise InvalidInput(f"{field} is {value}; the limit is {limit} ({setting})", field=field)
 
 
+async def _chunks(request: Request) -> AsyncIterator[bytes]:
+    """The body as the server delivers it (Starlette's request.stream() adds a generator layer and
+    state checks this path does not need)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        yield message.get("body", b"")
+        if not message.get("more_body", False):
+            return
+
+
 def validate_params(params_type: type[P], data: dict[str, Any], *, strict: bool) -> P:
     try:
         return params_type.model_validate(data, strict=strict)
@@ -75,7 +88,7 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     settings = state.settings
     repository = await state.loaded_repository()
     kind = codec.media_type(request.headers.get("content-type"))
-    body = await codec.read_body(request.stream(), request.headers.get("content-length"), settings.max_body_bytes)
+    body = await codec.read_body(_chunks(request), request.headers.get("content-length"), settings.max_body_bytes)
     npy = None
     if not body.strip() and request.query_params:
         # No body: the fields come from the query string, as with .npy bodies (`POST /sample?n=4&seed=7`).
@@ -121,6 +134,4 @@ async def serve(request: Request, state: AppState, endpoint: str, params_type: t
         status = status_of(exc)
         raise
     finally:
-        metrics = state.metrics
-        metrics.requests.labels(*labels, endpoint, str(status)).inc()
-        metrics.latency.labels(*labels, endpoint).observe(time.perf_counter() - start)
+        state.metrics.record_request(labels, endpoint, status, time.perf_counter() - start)
