@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 Arch = Literal["mlp", "conv"]
@@ -63,7 +63,6 @@ class TrainConfig:
     warmup_epochs: int = 0
     seed: int = 0
     val_fraction: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def beta_at(self, epoch: int) -> float:
         """KL weight for a 0-based epoch: annealed linearly from 0 to `beta` over `warmup_epochs`."""

@@ -10,13 +10,11 @@ import csv
 import gzip
 import math
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
-DatasetName = Literal["digits", "mnist", "csv", "npy"]
 DATASETS: tuple[str, ...] = ("digits", "mnist", "csv", "npy")
 
 
@@ -50,7 +48,6 @@ class Dataset:
     y_train: np.ndarray | None = None
     y_val: np.ndarray | None = None
     feature_names: list[str] | None = None
-    options: dict[str, object] = field(default_factory=dict)
 
     @property
     def input_dim(self) -> int:
@@ -231,7 +228,6 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
         x_train=x_train.astype(np.float32), x_val=x[val].astype(np.float32),
         y_train=None if y is None else y[train], y_val=None if y is None else y[val],
         feature_names=names, preprocessing=fit_preprocessing(x_train, likelihood),
-        options={"label_column": label_column},
     )
 
 

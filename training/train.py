@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,6 @@ class TrainResult:
     best_epoch: int
     best_val_loss: float
     train_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
