@@ -36,6 +36,7 @@ class Server:
                    "VAE_DEFAULT_MODEL": default_model, **(env or {})}
         if model_dir is not None:
             environ["VAE_MODEL_DIR"] = str(model_dir)
+        self.log_path = log
         self.log = open(log, "ab") if log else None  # noqa: SIM115 - closed in stop(), with the process
         out = self.log or subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], env=environ, stdout=out, stderr=out)
@@ -47,14 +48,21 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"vaeserve exited with {self.proc.returncode} before it was ready")
+                tail = self.log_path.read_text(errors="replace")[-2000:] if self.log_path else ""
+                self.stop()
+                raise RuntimeError(f"vaeserve exited with {self.proc.returncode} before it was ready. {tail}")
             try:
                 if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
                     return time.monotonic() - self.started
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
+        self.stop()
         raise RuntimeError("vaeserve was not ready in time")
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def rss_mb(self) -> float | None:
         if self.proc is None:

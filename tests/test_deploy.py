@@ -18,11 +18,11 @@ import pytest
 import yaml
 from prometheus_client.mmap_dict import MmapedDict
 
+from bench.server import Server, free_port
 from service.healthcheck import READY_PATH
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service_helpers import DEFAULT_MODEL, REPO, digits_rows
-from tests.test_service_e2e import free_port, start_server, stop, wait_ready
 
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -200,14 +200,9 @@ def healthcheck(port: int) -> int:
 
 
 def test_healthcheck_exit_codes(repo):
-    port = free_port()
-    assert healthcheck(port) == 1
-    proc = start_server(repo, port)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc)
-        assert healthcheck(port) == 0
-    finally:
-        stop(proc)
+    assert healthcheck(free_port()) == 1  # nothing listens there
+    with Server(model_dir=repo, log=repo / "healthcheck.log") as server:
+        assert healthcheck(server.port) == 0
 
 
 def requests_by_pid(folder: Path) -> dict[str, float]:
@@ -222,13 +217,11 @@ def requests_by_pid(folder: Path) -> dict[str, float]:
 
 
 def test_several_workers_share_correct_metrics(repo, tmp_path):
-    port = free_port()
     metrics_dir = tmp_path / "prom"
-    proc = start_server(repo, port, VAE_WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
-    url = f"http://127.0.0.1:{port}"
+    env = {"VAE_WORKERS": "2", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     body = {"inputs": digits_rows(1).tolist()}
-    try:
-        wait_ready(url, proc)
+    with Server(model_dir=repo, env=env, log=tmp_path / "server.log") as server:
+        url = server.url
         n = 0
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -244,8 +237,6 @@ def test_several_workers_share_correct_metrics(repo, tmp_path):
         assert float(line.rsplit(" ", 1)[1]) == n  # one total, whichever worker answered the scrape
         info = [x for x in text.splitlines() if x.startswith("vae_model_info{")]
         assert info and all(x.endswith(" 1.0") for x in info)
-    finally:
-        stop(proc)
 
 
 PROMETHEUS = shutil.which("prometheus")
@@ -254,22 +245,20 @@ PROMETHEUS = shutil.which("prometheus")
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus not installed (make test installs Debian's package "
                                                "when it can: root and apt-get)")
 def test_a_real_prometheus_scrapes_the_traffic(repo, tmp_path):
-    port, prom_port = free_port(), free_port()
+    server = Server(model_dir=repo, log=tmp_path / "server.log")
+    prom_port = free_port()
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     config["global"]["scrape_interval"] = "1s"
     job = config["scrape_configs"][0]
     del job["dns_sd_configs"]
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{server.port}"]}]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    server = start_server(repo, port)
     prom = subprocess.Popen(
         [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, server)
-        with httpx.Client(base_url=url, timeout=10) as client:
+        with httpx.Client(base_url=server.url, timeout=10) as client:
             for _ in range(7):
                 assert client.post("/encode", json={"inputs": digits_rows(2).tolist()}).status_code == 200
             assert client.post("/anomaly-score", json={"inputs": [[16.0] * 64] * 3}).status_code == 200
@@ -301,4 +290,4 @@ def test_a_real_prometheus_scrapes_the_traffic(repo, tmp_path):
     finally:
         prom.terminate()
         prom.wait(20)
-        stop(server)
+        server.stop()

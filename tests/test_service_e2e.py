@@ -4,69 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from bench.server import free_port
+from bench.server import Server
 from tests.service_helpers import DEFAULT_MODEL, Reference, digits_rows
 
 
-def start_server(model_dir: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environ = {**os.environ, "VAE_MODEL_DIR": str(model_dir), "VAE_PORT": str(port), "VAE_HOST": "127.0.0.1",
-               "VAE_LOG_LEVEL": "warning", **env}
-    return subprocess.Popen([sys.executable, "-m", "service"], env=environ, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            out = proc.stdout.read().decode() if proc.stdout else ""
-            raise AssertionError(f"server exited with {proc.returncode}: {out}")
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("server did not become ready")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(DEFAULT_MODEL, root / "digits" / "1")
-    port = free_port()
-    proc = start_server(root, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, proc
-    finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(10)
-    if proc.stdout:
-        proc.stdout.close()
+    with Server(model_dir=root, log=root / "server.log") as running:
+        yield running
 
 
 def test_endpoints_over_real_http(server):
-    url, _ = server
+    url = server.url
     ref = Reference()
     x = digits_rows(4)
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -79,7 +39,7 @@ def test_endpoints_over_real_http(server):
 
 
 def test_concurrent_callers_over_real_http(server):
-    url, _ = server
+    url = server.url
     ref = Reference()
     x = digits_rows(300)
 
@@ -99,11 +59,10 @@ def test_concurrent_callers_over_real_http(server):
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path):
     shutil.copytree(DEFAULT_MODEL, tmp_path / "digits" / "1")
-    port = free_port()
-    proc = start_server(tmp_path, port, VAE_MAX_SAMPLES="1000", VAE_MAX_DECODE_ROWS="1000000")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
+    env = {"VAE_MAX_SAMPLES": "1000", "VAE_MAX_DECODE_ROWS": "1000000"}
+    with Server(model_dir=tmp_path, env=env, log=tmp_path / "server.log") as server:
+        url, proc = server.url, server.proc
+        assert proc is not None
         heavy = {"inputs": digits_rows(400).tolist(), "samples": 1000}  # 400k decoder rows: well under a second
 
         def call() -> tuple[httpx.Response, float]:
@@ -122,5 +81,3 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         assert proc.wait(30) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/health/live", timeout=1)
-    finally:
-        stop(proc)
