@@ -6,7 +6,7 @@ import asyncio
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
@@ -16,11 +16,12 @@ from prometheus_client import multiprocess as prom_multiprocess
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from service import v2
 from service.deps import AppState
 from service.errors import install_handlers, response_for
 from service.metrics import Metrics, multiprocess_dir
 from service.repository import Repository
-from service.routes import ARRAY_ENDPOINTS, router
+from service.routes import ARRAY_ENDPOINTS, Endpoint, router
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("vaeserve")
@@ -34,9 +35,6 @@ Every array endpoint takes JSON (`inputs`/`latents` as lists of rows) or a NumPy
 """
 
 
-Endpoint = Callable[[Request, AppState], Awaitable[Response]]
-
-
 class VAEApp(FastAPI):
     """FastAPI, plus a direct dispatch for the array endpoints.
 
@@ -44,7 +42,8 @@ class VAEApp(FastAPI):
     router dispatch, dependency solving) cost more event-loop time than parsing, batching and
     answering the request together (py-spy, c=64). The array endpoints are the same functions
     FastAPI documents in /docs; here they are called directly, and their errors go through the same
-    `errors.response_for`. Every other path (docs, health, models, metrics, 404, 405) is FastAPI's.
+    `errors.response_for`. The v2 infer paths are dispatched the same way. Every other path (docs,
+    health, models, metadata, metrics, 404, 405) is FastAPI's.
     """
 
     direct: dict[str, Endpoint]
@@ -52,12 +51,21 @@ class VAEApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
-            endpoint = self.direct.get(scope["path"])
+            path = scope["path"]
+            endpoint = self.direct.get(path)
             if endpoint is not None:
                 try:
                     response = await endpoint(Request(scope, receive), self.vae)
                 except Exception as exc:  # noqa: BLE001 - mapped like FastAPI's handlers map it
                     response = response_for(exc, self.vae.settings.retry_after)
+                await response(scope, receive, send)
+                return
+            infer = v2.INFER_PATH.match(path) if path.startswith("/v2/models/") else None
+            if infer is not None:
+                try:
+                    response = await v2.infer(Request(scope, receive), self.vae, infer[1], infer[2])
+                except Exception as exc:  # noqa: BLE001 - mapped like FastAPI's handlers map it
+                    response = response_for(exc, self.vae.settings.retry_after, v2=True)
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
@@ -104,6 +112,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
     app.state.vae = app.vae = state
     install_handlers(app, settings.retry_after)
     app.include_router(router)
+    app.include_router(v2.router)
     app.direct = dict(ARRAY_ENDPOINTS)
 
     @app.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response,

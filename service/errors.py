@@ -2,7 +2,8 @@
 
 Every error body has the same shape:
     {"error": {"code": "invalid_input", "message": "...", "field": "inputs[2]"}}
-`field` names the request field at fault, or is null.
+`field` names the request field at fault, or is null. Under /v2 (the Open Inference Protocol) the
+body is that protocol's `{"error": "..."}`, with the same status code.
 """
 
 from __future__ import annotations
@@ -72,10 +73,14 @@ class InferenceFailed(ServiceError):
     status, code = 500, "inference_failed"
 
 
+V2_PREFIX = "/v2"
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps({"error": {"code": code, "message": message, "field": field}})
-    return Response(body, status_code=status, media_type="application/json", headers=headers)
+                   headers: dict[str, str] | None = None, *, v2: bool = False) -> Response:
+    error = message if v2 else {"code": code, "message": message, "field": field}
+    return Response(orjson.dumps({"error": error}), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -112,33 +117,36 @@ def status_of(exc: BaseException) -> int:
     return 500
 
 
-def response_for(exc: Exception, retry_after: int) -> Response:
-    """The one mapping from an exception to its HTTP response; unknown ones become a logged 500."""
+def response_for(exc: Exception, retry_after: int, *, v2: bool = False) -> Response:
+    """The one mapping from an exception to its HTTP response; unknown ones become a logged 500.
+
+    `v2`: answer the Open Inference Protocol's body (the request came in under /v2).
+    """
     if isinstance(exc, ServiceError):
         headers = dict(exc.headers)
         if exc.status == 503:
             headers.setdefault("Retry-After", str(retry_after))
-        return error_response(exc.status, exc.code, exc.message, exc.field, headers)
+        return error_response(exc.status, exc.code, exc.message, exc.field, headers, v2=v2)
     if isinstance(exc, QueueFull):
-        return error_response(503, Overloaded.code, str(exc), headers={"Retry-After": str(retry_after)})
+        return error_response(503, Overloaded.code, str(exc), headers={"Retry-After": str(retry_after)}, v2=v2)
     if isinstance(exc, BatchFailed):
         log.error("inference batch failed: %s", exc)
-        return error_response(500, InferenceFailed.code, str(exc))
+        return error_response(500, InferenceFailed.code, str(exc), v2=v2)
     if isinstance(exc, RequestValidationError):
         message, field = validation_message(list(exc.errors()))
-        return error_response(422, InvalidInput.code, message, field)
+        return error_response(422, InvalidInput.code, message, field, v2=v2)
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}))
+        return error_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}), v2=v2)
     log.error("unhandled error", exc_info=exc)
-    return error_response(500, "internal_error", f"internal error: {type(exc).__name__}")
+    return error_response(500, "internal_error", f"internal error: {type(exc).__name__}", v2=v2)
 
 
 def install_handlers(app: FastAPI, retry_after: int) -> None:
     """Route every exception FastAPI sees through `response_for`."""
 
-    async def handle(_: Request, exc: Exception) -> Response:
-        return response_for(exc, retry_after)
+    async def handle(request: Request, exc: Exception) -> Response:
+        return response_for(exc, retry_after, v2=request.url.path.startswith(V2_PREFIX))
 
     for kind in (ServiceError, QueueFull, BatchFailed, RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(kind, handle)

@@ -1,7 +1,8 @@
 """The one request path: read -> parse -> validate -> run (batched) -> build the response.
 
-Each step is its own function; the routers only name the endpoint, its parameter model and the
-work to run. Metrics for requests are recorded here, once, whatever the outcome.
+`handle` is the path every protocol shares: it runs an `Operation` on a parsed `Call` within the
+request timeout and records the request's metrics once, whatever the outcome. `serve` is the native
+protocol's parse and render around it; `v2.py` brings its own.
 """
 
 from __future__ import annotations
@@ -9,62 +10,24 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import codec
+from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
-from service.repository import LoadedModel
+from service.operations import Operation, Payload
 from service.schemas import ARRAY_FIELDS
-from service.settings import Settings
 
 P = TypeVar("P", bound=BaseModel)
 
 
-@dataclass
-class Call:
-    """A parsed request: validated parameters, the resolved model, and its array fields still raw."""
-
-    params: Any
-    model: LoadedModel
-    arrays: dict[str, Any]
-    npy: np.ndarray | None
-    settings: Settings
-    maybe_bools: bool
-
-    def rows(self, field: str) -> np.ndarray:
-        """Input rows in data space, float32 [N, D]."""
-        value = self.npy if self.npy is not None else self.arrays.get(field)
-        return codec.rows(value, field, shape=self.model.input_shape, max_rows=self.settings.max_rows,
-                          maybe_bools=self.maybe_bools)
-
-    def latents(self, field: str) -> np.ndarray:
-        value = self.npy if self.npy is not None else self.arrays.get(field)
-        return codec.rows(value, field, shape=(self.model.latent_dim,), max_rows=self.settings.max_rows,
-                          maybe_bools=self.maybe_bools)
-
-    def row(self, field: str, *, latent: bool) -> np.ndarray | None:
-        """One vector (interpolation end), or None when absent: [1, D] or [1, L]."""
-        value = self.arrays.get(field)
-        if value is None:
-            return None
-        shape = (self.model.latent_dim,) if latent else self.model.input_shape
-        return codec.rows([value] if isinstance(value, list) else value, field, shape=shape, max_rows=1,
-                          maybe_bools=self.maybe_bools)
-
-    def check_range(self, field: str, value: int, limit: int, setting: str) -> None:
-        if value > limit:
-            raise InvalidInput(f"{field} is {value}; the limit is {limit} ({setting})", field=field)
-
-
-async def _chunks(request: Request) -> AsyncIterator[bytes]:
+async def body_chunks(request: Request) -> AsyncIterator[bytes]:
     """The body as the server delivers it (Starlette's request.stream() adds a generator layer and
     state checks this path does not need)."""
     while True:
@@ -76,6 +39,11 @@ async def _chunks(request: Request) -> AsyncIterator[bytes]:
             return
 
 
+async def read_body(request: Request, state: AppState) -> bytes:
+    return await codec.read_body(body_chunks(request), request.headers.get("content-length"),
+                                 state.settings.max_body_bytes)
+
+
 def validate_params(params_type: type[P], data: dict[str, Any], *, strict: bool) -> P:
     try:
         return params_type.model_validate(data, strict=strict)
@@ -85,10 +53,11 @@ def validate_params(params_type: type[P], data: dict[str, Any], *, strict: bool)
 
 
 async def parse(request: Request, state: AppState, params_type: type[P]) -> Call:
-    settings = state.settings
+    """A native request: a JSON body, an .npy body with query parameters, or no body and a query."""
+    npz = codec.wants_npz(request.headers.get("accept"))
     repository = await state.loaded_repository()
     kind = codec.media_type(request.headers.get("content-type"))
-    body = await codec.read_body(_chunks(request), request.headers.get("content-length"), settings.max_body_bytes)
+    body = await read_body(request, state)
     npy = None
     if not body.strip() and request.query_params:
         # No body: the fields come from the query string, as with .npy bodies (`POST /sample?n=4&seed=7`).
@@ -106,28 +75,26 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         params = validate_params(params_type, data, strict=True)
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
-    return Call(params=params, model=model, arrays=arrays, npy=npy, settings=settings, maybe_bools=maybe_bools)
+    return Call(params=params, model=model, arrays=arrays, npy=npy, settings=state.settings,
+                maybe_bools=maybe_bools, npz=npz)
 
 
-async def serve(request: Request, state: AppState, endpoint: str, params_type: type[BaseModel],
-                run: Callable[[Call], Awaitable[dict[str, Any]]]) -> Response:
+async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Callable[[], Awaitable[Call]],
+                 render: Callable[[Call, Payload], Response]) -> Response:
+    """Parse, run and render one request within VAE_REQUEST_TIMEOUT; count and time it."""
     start = time.perf_counter()
     labels = ("-", "-")
     status = 500
     try:
-        npz = codec.wants_npz(request.headers.get("accept"))
         try:
             async with asyncio.timeout(state.settings.request_timeout):
-                call = await parse(request, state, params_type)
+                call = await parse_call()
                 labels = (call.model.name, str(call.model.version))
-                payload = await run(call)
+                payload = await op.run(call, state)
         except TimeoutError:
             raise Timeout(f"the request took longer than {state.settings.request_timeout:g}s "
                           "(VAE_REQUEST_TIMEOUT); its rows were dropped from the queue") from None
-        if npz:
-            response = Response(codec.encode_npz(payload), media_type=codec.NPZ)
-        else:
-            response = Response(codec.encode_json(payload), media_type=codec.JSON)
+        response = render(call, payload)
         status = 200
         return response
     except Exception as exc:
@@ -135,3 +102,14 @@ async def serve(request: Request, state: AppState, endpoint: str, params_type: t
         raise
     finally:
         state.metrics.record_request(labels, endpoint, status, time.perf_counter() - start)
+
+
+def _render_native(call: Call, payload: Payload) -> Response:
+    if call.npz:
+        return Response(codec.encode_npz(payload), media_type=codec.NPZ)
+    return Response(codec.encode_json(payload), media_type=codec.JSON)
+
+
+async def serve(request: Request, state: AppState, op: Operation) -> Response:
+    """One native request for `op`."""
+    return await handle(state, op.name, op, lambda: parse(request, state, op.params), _render_native)

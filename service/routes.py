@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 from starlette.responses import Response
 
-from service import inference, schemas
+from service import schemas
 from service.codec import JSON, NPY, NPZ, encode_json
-from service.deps import State
-from service.errors import InvalidInput, NotReady
-from service.pipeline import Call, serve
+from service.deps import AppState, State
+from service.errors import NotReady
+from service.operations import OPERATIONS, Operation
+from service.pipeline import serve
 from service.repository import LoadedModel
 
 router = APIRouter()
+Endpoint = Callable[[Request, AppState], Awaitable[Response]]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": schemas.ErrorBody, "description": text}
@@ -41,97 +43,34 @@ def _doc(request_model: type[BaseModel], response_model: type[BaseModel], npy: s
     }
 
 
-@router.post("/encode", summary="Rows -> posterior mean, log-variance and z",
-             **_doc(schemas.EncodeRequest, schemas.EncodeResponse, "inputs [N, D]; other fields as query"))
-async def encode(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        return await inference.encode(call.model, x=call.rows("inputs"), sample=call.params.sample,
-                                      seed=call.params.seed)
-    return await serve(request, state, "encode", schemas.EncodeParams, run)
+def _native(op: Operation, request_model: type[BaseModel], response_model: type[BaseModel], summary: str,
+            npy: str | None) -> Endpoint:
+    """Register `op` at POST /<name>; the function is what /docs documents and `VAEApp` calls."""
+
+    async def endpoint(request: Request, state: State) -> Response:
+        return await serve(request, state, op)
+
+    endpoint.__name__ = op.name.replace("-", "_")
+    router.post(f"/{op.name}", summary=summary, **_doc(request_model, response_model, npy))(endpoint)
+    return endpoint
 
 
-@router.post("/decode", summary="Latents -> outputs in data space",
-             **_doc(schemas.DecodeRequest, schemas.DecodeResponse, "latents [N, L]"))
-async def decode(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        return await inference.decode(call.model, z=call.latents("latents"))
-    return await serve(request, state, "decode", schemas.DecodeParams, run)
-
-
-@router.post("/reconstruct", summary="Rows -> encode -> decode",
-             **_doc(schemas.ReconstructRequest, schemas.ReconstructResponse, "inputs [N, D]"))
-async def reconstruct(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        return await inference.reconstruct(call.model, x=call.rows("inputs"), sample=call.params.sample,
-                                           seed=call.params.seed)
-    return await serve(request, state, "reconstruct", schemas.ReconstructParams, run)
-
-
-@router.post("/sample", summary="Draw from the prior and decode; the same seed gives the same samples",
-             **_doc(schemas.SampleParams, schemas.SampleResponse, None))
-async def sample(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        p = call.params
-        if call.npy is not None:
-            raise InvalidInput("/sample takes no array: send its fields as JSON, or as query parameters with no "
-                               "body (Accept: application/x-npz still answers .npz)")
-        call.check_range("n", p.n, call.settings.max_rows, "VAE_MAX_ROWS")
-        return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature)
-    return await serve(request, state, "sample", schemas.SampleParams, run)
-
-
-def _interpolation_ends(call: Call) -> dict[str, np.ndarray | None]:
-    if call.npy is not None:
-        field = "latents" if call.params.latent else "inputs"
-        both = call.latents(field) if call.params.latent else call.rows(field)
-        if len(both) != 2:
-            raise InvalidInput(f"an .npy body for /interpolate holds 2 rows (start, end); got {len(both)}",
-                               field=field)
-        if call.params.latent:
-            return {"start": None, "end": None, "start_latent": both[:1], "end_latent": both[1:]}
-        return {"start": both[:1], "end": both[1:], "start_latent": None, "end_latent": None}
-    ends = {"start": call.row("start", latent=False), "end": call.row("end", latent=False),
-            "start_latent": call.row("start_latent", latent=True), "end_latent": call.row("end_latent", latent=True)}
-    data_pair = ends["start"] is not None and ends["end"] is not None
-    latent_pair = ends["start_latent"] is not None and ends["end_latent"] is not None
-    if data_pair == latent_pair:
-        given = [k for k, v in ends.items() if v is not None]
-        raise InvalidInput(f"give either start and end, or start_latent and end_latent; got {given or 'none'}",
-                           field="start")
-    return ends
-
-
-@router.post("/interpolate", summary="A path between two points, decoded",
-             **_doc(schemas.InterpolateRequest, schemas.InterpolateResponse,
-                    "2 rows (start, end); query latent=true if they are latents"))
-async def interpolate(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        p = call.params
-        call.check_range("steps", p.steps, call.settings.max_steps, "VAE_MAX_STEPS")
-        ends = _interpolation_ends(call)
-        return await inference.interpolate(call.model, steps=p.steps, method=p.method, **ends)
-    return await serve(request, state, "interpolate", schemas.InterpolateParams, run)
-
-
-@router.post("/anomaly-score", summary="Per-row anomaly scores (nats) against the model's calibration",
-             **_doc(schemas.AnomalyRequest, schemas.AnomalyResponse, "inputs [N, D]"))
-async def anomaly_score(request: Request, state: State) -> Response:
-    async def run(call: Call) -> dict[str, Any]:
-        p = call.params
-        s = call.settings
-        call.check_range("samples", p.samples, s.max_samples, "VAE_MAX_SAMPLES")
-        x = call.rows("inputs")
-        call.check_range("samples", len(x) * p.samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
-        result = await inference.anomaly_score(call.model, x=x, samples=p.samples, threshold=p.threshold)
-        labels = (call.model.name, str(call.model.version))
-        state.metrics.scored.labels(*labels).inc(len(x))
-        state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))
-        return result
-    return await serve(request, state, "anomaly-score", schemas.AnomalyParams, run)
-
-
-ARRAY_ENDPOINTS = {"/encode": encode, "/decode": decode, "/reconstruct": reconstruct, "/sample": sample,
-                   "/interpolate": interpolate, "/anomaly-score": anomaly_score}
+_ops = OPERATIONS
+ARRAY_ENDPOINTS: dict[str, Endpoint] = {f"/{op.name}": _native(op, *doc) for op, doc in (
+    (_ops["encode"], (schemas.EncodeRequest, schemas.EncodeResponse, "Rows -> posterior mean, log-variance and z",
+                      "inputs [N, D]; other fields as query")),
+    (_ops["decode"], (schemas.DecodeRequest, schemas.DecodeResponse, "Latents -> outputs in data space",
+                      "latents [N, L]")),
+    (_ops["reconstruct"], (schemas.ReconstructRequest, schemas.ReconstructResponse, "Rows -> encode -> decode",
+                           "inputs [N, D]")),
+    (_ops["sample"], (schemas.SampleParams, schemas.SampleResponse,
+                      "Draw from the prior and decode; the same seed gives the same samples", None)),
+    (_ops["interpolate"], (schemas.InterpolateRequest, schemas.InterpolateResponse,
+                           "A path between two points, decoded",
+                           "2 rows (start, end); query latent=true if they are latents")),
+    (_ops["anomaly-score"], (schemas.AnomalyRequest, schemas.AnomalyResponse,
+                             "Per-row anomaly scores (nats) against the model's calibration", "inputs [N, D]")),
+)}
 
 
 def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:

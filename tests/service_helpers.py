@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -67,3 +68,29 @@ def digits_rows(n: int, start: int = 0) -> np.ndarray:
     from sklearn.datasets import load_digits
 
     return load_digits().data[start : start + n].astype(np.float32)
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+class Gate:
+    """Wraps a batcher's function: holds every batch until released, counts the rows it computed."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.open = threading.Event()
+        self.entered = threading.Event()
+        self.rows = 0
+
+    def __call__(self, x):
+        self.entered.set()
+        assert self.open.wait(30)
+        self.rows += len(x)
+        return self.fn(x)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.service_helpers import DEFAULT_MODEL, Reference, digits_rows, serving
+from tests.service_helpers import DEFAULT_MODEL, Gate, Reference, digits_rows, metric, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -20,32 +19,6 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(DEFAULT_MODEL, root / "digits" / "1")
     return root
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-class Gate:
-    """Wraps a batcher's function: holds every batch until released, counts the rows it computed."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.open = threading.Event()
-        self.entered = threading.Event()
-        self.rows = 0
-
-    def __call__(self, x):
-        self.entered.set()
-        assert self.open.wait(30)
-        self.rows += len(x)
-        return self.fn(x)
 
 
 async def test_concurrent_callers_are_batched_and_each_gets_its_own_rows(repo):

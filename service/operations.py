@@ -1,0 +1,103 @@
+"""The six operations, each as its parameter model and its work on a parsed `Call`.
+
+Both ways in, the native endpoints (`routes.py`) and the Open Inference Protocol (`v2.py`), parse
+a request into a `Call` and run the same `Operation`, so they share validation, limits, batching
+and metrics. Nothing here knows which protocol a call came through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from service import inference, schemas
+from service.call import Call
+from service.deps import AppState
+from service.errors import InvalidInput
+
+Payload = dict[str, Any]
+Work = Callable[[Call, AppState], Awaitable[Payload]]
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    name: str  # the native path without its slash, and the v2 model suffix
+    params: type[BaseModel]
+    run: Work
+
+
+async def _encode(call: Call, state: AppState) -> Payload:
+    return await inference.encode(call.model, x=call.rows("inputs"), sample=call.params.sample, seed=call.params.seed)
+
+
+async def _decode(call: Call, state: AppState) -> Payload:
+    return await inference.decode(call.model, z=call.latents("latents"))
+
+
+async def _reconstruct(call: Call, state: AppState) -> Payload:
+    return await inference.reconstruct(call.model, x=call.rows("inputs"), sample=call.params.sample,
+                                       seed=call.params.seed)
+
+
+async def _sample(call: Call, state: AppState) -> Payload:
+    p = call.params
+    if call.npy is not None:
+        raise InvalidInput("/sample takes no array: send its fields as JSON, or as query parameters with no "
+                           "body (Accept: application/x-npz still answers .npz)")
+    call.check_range("n", p.n, call.settings.max_rows, "VAE_MAX_ROWS")
+    return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature)
+
+
+def _interpolation_ends(call: Call) -> dict[str, np.ndarray | None]:
+    if call.npy is not None:
+        field = "latents" if call.params.latent else "inputs"
+        both = call.latents(field) if call.params.latent else call.rows(field)
+        if len(both) != 2:
+            raise InvalidInput(f"an .npy body for /interpolate holds 2 rows (start, end); got {len(both)}",
+                               field=field)
+        if call.params.latent:
+            return {"start": None, "end": None, "start_latent": both[:1], "end_latent": both[1:]}
+        return {"start": both[:1], "end": both[1:], "start_latent": None, "end_latent": None}
+    ends = {"start": call.row("start", latent=False), "end": call.row("end", latent=False),
+            "start_latent": call.row("start_latent", latent=True), "end_latent": call.row("end_latent", latent=True)}
+    data_pair = ends["start"] is not None and ends["end"] is not None
+    latent_pair = ends["start_latent"] is not None and ends["end_latent"] is not None
+    if data_pair == latent_pair:
+        given = [k for k, v in ends.items() if v is not None]
+        raise InvalidInput(f"give either start and end, or start_latent and end_latent; got {given or 'none'}",
+                           field="start")
+    return ends
+
+
+async def _interpolate(call: Call, state: AppState) -> Payload:
+    p = call.params
+    call.check_range("steps", p.steps, call.settings.max_steps, "VAE_MAX_STEPS")
+    ends = _interpolation_ends(call)
+    return await inference.interpolate(call.model, steps=p.steps, method=p.method, **ends)
+
+
+async def _anomaly_score(call: Call, state: AppState) -> Payload:
+    p = call.params
+    s = call.settings
+    call.check_range("samples", p.samples, s.max_samples, "VAE_MAX_SAMPLES")
+    x = call.rows("inputs")
+    call.check_range("samples", len(x) * p.samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
+    result = await inference.anomaly_score(call.model, x=x, samples=p.samples, threshold=p.threshold)
+    labels = (call.model.name, str(call.model.version))
+    state.metrics.scored.labels(*labels).inc(len(x))
+    state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))
+    return result
+
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("encode", schemas.EncodeParams, _encode),
+    Operation("decode", schemas.DecodeParams, _decode),
+    Operation("reconstruct", schemas.ReconstructParams, _reconstruct),
+    Operation("sample", schemas.SampleParams, _sample),
+    Operation("interpolate", schemas.InterpolateParams, _interpolate),
+    Operation("anomaly-score", schemas.AnomalyParams, _anomaly_score),
+)}
