@@ -12,7 +12,9 @@ from typing import Any
 
 import uvicorn
 
+from service.auth import KeyRing, new_key_main
 from service.settings import Settings, get_settings
+from service.signing import load_public_keys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -46,8 +48,24 @@ def run(settings: Settings) -> None:
         uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`vae-serve` serves (settings from VAE_* variables); `vae-serve new-key` makes an API key."""
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["new-key"]:
+        return new_key_main(args[1:])
+    if args:
+        print(f"vae-serve takes its settings from VAE_* environment variables (see the README); unknown "
+              f"arguments {args}. `vae-serve new-key --help` makes an API key.", file=sys.stderr)
+        return 2
     settings = get_settings()
+    try:  # refuse to start on a keys file that cannot be used, rather than serve unprotected
+        if settings.api_keys_file is not None:
+            KeyRing.from_file(settings.api_keys_file)
+        if settings.trusted_keys is not None:
+            load_public_keys(settings.trusted_keys)
+    except ValueError as e:
+        print(f"vae-serve: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(settings)
     return 0

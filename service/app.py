@@ -17,14 +17,20 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from service import v2
+from service.auth import KeyRing, needs_key, presented_key
 from service.deps import AppState
-from service.errors import install_handlers, response_for
+from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
 from service.metrics import Metrics, multiprocess_dir
 from service.repository import Repository
 from service.routes import ARRAY_ENDPOINTS, Endpoint, router
 from service.settings import Settings, get_settings
 
 log = logging.getLogger("vaeserve")
+
+UNAUTHORIZED = "a valid API key is required: send Authorization: Bearer <key> or X-API-Key: <key>"
+# Endpoint labels for refused requests: the array endpoints by name, else the path's first part.
+KEYED_ENDPOINTS = frozenset({"encode", "decode", "reconstruct", "sample", "interpolate", "anomaly-score", "v2",
+                             "models", "admin", "metrics", "docs", "openapi.json", "redoc"})
 
 DESCRIPTION = """Serves Variational Autoencoders exported by `vae-train`.
 
@@ -48,8 +54,17 @@ class VAEApp(FastAPI):
 
     direct: dict[str, Endpoint]
     vae: AppState
+    keys: KeyRing | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.keys is not None and scope["type"] == "http" and not self._authorised(scope):
+            path = scope["path"]
+            endpoint = path[1:] if path in self.direct else path.split("/", 2)[1] or "other"
+            self.vae.metrics.record_request(("-", "-"), endpoint if endpoint in KEYED_ENDPOINTS else "other", 401, 0.0)
+            response = response_for(Unauthorized(UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"}), 0,
+                                    v2=path.startswith(V2_PREFIX))
+            await response(scope, receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             endpoint = self.direct.get(path)
@@ -69,6 +84,14 @@ class VAEApp(FastAPI):
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+    def _authorised(self, scope: Scope) -> bool:
+        s = self.vae.settings
+        if not needs_key(scope["path"], protect_metrics=s.protect_metrics, protect_docs=s.protect_docs):
+            return True
+        assert self.keys is not None
+        return self.keys.check(presented_key(scope["headers"])) is not None
 
 
 def create_app(settings: Settings | None = None) -> VAEApp:
@@ -99,17 +122,33 @@ def create_app(settings: Settings | None = None) -> VAEApp:
             if not repository.default_loaded:
                 log.error("the default model %r is not loaded; /health/ready answers 503", settings.default_model)
 
+        async def watch() -> None:
+            """Pick up new and vanished versions every VAE_RELOAD_INTERVAL seconds."""
+            await state.loaded.wait()
+            while state.repository is not None:
+                await asyncio.sleep(settings.reload_interval)
+                try:
+                    await state.repository.reload()
+                except Exception:  # noqa: BLE001 - a failed look must not end the watching
+                    log.exception("looking for model changes failed")
+
         loading = asyncio.create_task(load())
+        watching = asyncio.create_task(watch()) if settings.reload_interval > 0 else None
         try:
             yield
         finally:
             loading.cancel()
+            if watching is not None:
+                watching.cancel()
             executor.shutdown(wait=True, cancel_futures=False)
             if multiprocess_dir() is not None:
                 prom_multiprocess.mark_process_dead(os.getpid())
 
     app = VAEApp(title="vaeserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.vae = app.vae = state
+    if settings.api_keys_file is not None:
+        app.keys = KeyRing.from_file(settings.api_keys_file)
+        log.info("API keys on: %d key(s) from %s", len(app.keys), settings.api_keys_file)
     install_handlers(app, settings.retry_after)
     app.include_router(router)
     app.include_router(v2.router)

@@ -37,6 +37,10 @@ class InvalidInput(ServiceError):
     status, code = 422, "invalid_input"
 
 
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+
+
 class MalformedBody(ServiceError):
     status, code = 400, "malformed_body"
 

@@ -151,11 +151,11 @@ class ManifestError(ValueError):
     """A model folder that must not be served: bad schema, missing or altered files."""
 
 
-def read_manifest(folder: Path, *, verify: bool = True) -> Manifest:
-    """Parse `folder/model.json` and check every listed file's sha256."""
+def read_manifest(folder: Path, *, verify: bool = True, data: bytes | None = None) -> Manifest:
+    """Parse `folder/model.json` (or its bytes, already read) and check every listed file's sha256."""
     path = folder / MANIFEST_FILE
     try:
-        manifest = Manifest.model_validate_json(path.read_bytes())
+        manifest = Manifest.model_validate_json(path.read_bytes() if data is None else data)
     except FileNotFoundError:
         raise ManifestError(f"{path}: no manifest") from None
     except ValueError as e:

@@ -1,11 +1,16 @@
 """The model repository: every `<name>/<version>/` under VAE_MODEL_DIR, verified and loaded.
 
-A version whose manifest fails the schema, whose files fail their sha256, or whose graphs do not
-load is refused with a log line and a metric; the rest are served.
+A version whose manifest fails the schema, whose files fail their sha256 (or, with
+VAE_TRUSTED_KEYS, its signature), or whose graphs do not load is refused with a log line and a
+metric; the rest are served. `reload()` looks again while serving: new versions are loaded off the
+event loop and switched in only once loaded, so "latest" never names a half-loaded version; a
+version whose folder disappears leaves the table at once, and requests already holding it finish
+on it (its batchers live until the last of them lets go).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from concurrent.futures import Executor
@@ -17,11 +22,12 @@ import numpy as np
 
 from service.batching import Batcher
 from service.errors import ModelNotFound
-from service.manifest import GRAPH_FILES, Manifest, ManifestError, read_manifest
+from service.manifest import GRAPH_FILES, MANIFEST_FILE, Manifest, ManifestError, read_manifest
 from service.metrics import Metrics
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
 from service.scoring import common_noise
 from service.settings import Settings
+from service.signing import load_public_keys, verify_folder
 
 log = logging.getLogger("vaeserve")
 
@@ -111,37 +117,124 @@ def _check_graphs(manifest: Manifest, encoder: Graph, decoder: Graph) -> None:
                             f"latent {manifest.latent_dim}, input {manifest.input_dim}")
 
 
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(folder: Path) -> Fingerprint:
+    """Names, sizes and mtimes of a folder's files: a refused version is tried again once it changes."""
+    try:
+        return tuple(sorted((f.name, st.st_size, st.st_mtime_ns) for f in folder.iterdir()
+                            if f.is_file() and (st := f.stat())))
+    except OSError:
+        return ()
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)
+    unloaded: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
 class Repository:
     def __init__(self, settings: Settings, metrics: Metrics, executor: Executor | None):
         self.settings = settings
         self.metrics = metrics
         self.executor = executor
         self.device = resolve_device(settings.device)
+        self.trusted = load_public_keys(settings.trusted_keys) if settings.trusted_keys else None
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.failures: dict[str, str] = {}
+        self._refused_at: dict[str, Fingerprint] = {}
+        self._lock = asyncio.Lock()
 
-    def load_all(self) -> None:
+    def discover(self) -> dict[str, Path]:
+        """Every `name/version` folder on disk ("." folders, such as exports in progress, are skipped)."""
         root = self.settings.model_dir
         if not root.is_dir():
             log.error("model repository %s does not exist", root)
-            return
+            return {}
+        found = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            for version_dir in sorted((p for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()),
-                                      key=lambda p: int(p.name)):
-                try:
-                    model = self.load_version(version_dir)
-                except Exception as e:  # noqa: BLE001 - one broken model must not stop the others
-                    key = f"{model_dir.name}/{version_dir.name}"
-                    self.failures[key] = str(e)
-                    self.metrics.load_failures.labels(model_dir.name, version_dir.name).inc()
-                    log.error("refusing model %s: %s", key, e)
-                    continue
-                self.models.setdefault(model.name, {})[model.version] = model
-                self.metrics.model_info.labels(model.name, str(model.version), model.runtime, model.device).set(1)
-                log.info("loaded model %s/%d (%s on %s)", model.name, model.version, model.runtime, model.device)
+            for version_dir in model_dir.iterdir():
+                if version_dir.is_dir() and version_dir.name.isdigit():
+                    found[f"{model_dir.name}/{int(version_dir.name)}"] = version_dir
+        return dict(sorted(found.items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]))))
+
+    def _pending(self, found: dict[str, Path]) -> dict[str, Path]:
+        """Folders to try: not loaded, and not refused in the state they are in now."""
+        loaded = {f"{name}/{v}" for name, versions in self.models.items() for v in versions}
+        return {key: folder for key, folder in found.items()
+                if key not in loaded and self._refused_at.get(key) != fingerprint(folder)}
+
+    def _try_load(self, key: str, folder: Path) -> LoadedModel | None:
+        """Load one version, or record why it is refused (once per state of its files)."""
+        try:
+            return self.load_version(folder)
+        except Exception as e:  # noqa: BLE001 - one broken model must not stop the others
+            name, version = key.split("/")
+            self.failures[key] = str(e)
+            self._refused_at[key] = fingerprint(folder)
+            self.metrics.load_failures.labels(name, version).inc()
+            log.error("refusing model %s: %s", key, e)
+            return None
+
+    def _add(self, model: LoadedModel) -> None:
+        key = f"{model.name}/{model.version}"
+        self.failures.pop(key, None)
+        self._refused_at.pop(key, None)
+        # A new dict, swapped in whole: a reader never sees a half-updated table.
+        self.models = {**self.models, model.name: {**self.models.get(model.name, {}), model.version: model}}
+        self.metrics.model_info.labels(model.name, str(model.version), model.runtime, model.device).set(1)
+        log.info("loaded model %s/%d (%s on %s)", model.name, model.version, model.runtime, model.device)
+
+    def _remove(self, name: str, version: int) -> None:
+        model = self.models[name][version]
+        rest = {v: m for v, m in self.models[name].items() if v != version}
+        self.models = {k: v for k, v in self.models.items() if k != name} | ({name: rest} if rest else {})
+        self.metrics.model_info.remove(name, str(version), model.runtime, model.device)
+        log.info("unloaded model %s/%d (its folder is gone); requests already on it finish", name, version)
+
+    def load_all(self) -> None:
+        """At start, in a worker thread: load everything on disk."""
+        for key, folder in self._pending(self.discover()).items():
+            model = self._try_load(key, folder)
+            if model is not None:
+                self._add(model)
+
+    async def reload(self) -> ReloadReport:
+        """Look at the disk again: load new versions (off the event loop), drop vanished ones.
+
+        Runs one at a time; the table changes on the event loop, each version as soon as it loaded.
+        """
+        async with self._lock:
+            report = ReloadReport()
+            found = await asyncio.to_thread(self.discover)
+            for name, versions in list(self.models.items()):
+                for version in list(versions):
+                    if f"{name}/{version}" not in found:
+                        self._remove(name, version)
+                        report.unloaded.append(f"{name}/{version}")
+            for key in [k for k in self.failures if k not in found]:
+                del self.failures[key]
+                self._refused_at.pop(key, None)
+            for key, folder in (await asyncio.to_thread(self._pending, found)).items():
+                model = await asyncio.to_thread(self._try_load, key, folder)
+                if model is None:
+                    report.refused[key] = self.failures[key]
+                else:
+                    self._add(model)
+                    report.loaded.append(key)
+            return report
 
     def load_version(self, folder: Path) -> LoadedModel:
-        manifest = read_manifest(folder)
+        try:
+            raw = (folder / MANIFEST_FILE).read_bytes()
+        except FileNotFoundError:
+            raise ManifestError(f"{folder}: no manifest") from None
+        if self.trusted is not None:
+            verify_folder(folder, raw, self.trusted)
+        manifest = read_manifest(folder, data=raw)
         if manifest.name != folder.parent.name or str(manifest.version) != folder.name:
             raise ManifestError(f"the manifest says {manifest.name}/{manifest.version} but lives in "
                                 f"{folder.parent.name}/{folder.name}")

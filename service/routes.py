@@ -107,6 +107,15 @@ async def model_info(name: str, state: State, version: int | None = None) -> Res
     return Response(encode_json(_info(model, sorted(repo.models[model.name]))), media_type=JSON)
 
 
+@router.post("/admin/reload", summary="Look for new and vanished model versions now (needs a key when keys are on)")
+async def reload_models(state: State) -> Response:
+    repo = await state.loaded_repository()
+    report = await repo.reload()
+    body = {"loaded": report.loaded, "unloaded": report.unloaded, "refused": report.refused,
+            "models": {name: sorted(v) for name, v in sorted(repo.models.items())}}
+    return Response(encode_json(body), media_type=JSON)
+
+
 @router.get("/health/live", summary="The process is up")
 async def live() -> Response:
     return Response(b'{"status":"live"}', media_type=JSON)

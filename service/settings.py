@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -35,6 +35,16 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; batching is per process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    api_keys_file: Path | None = Field(None, description="sha256 hashes of the accepted API keys; unset = keys off")
+    protect_metrics: bool = Field(False, description="with keys on, /metrics needs a key too")
+    trusted_keys: Path | None = Field(None, description="Ed25519 public keys (PEM); set = only signed models load")
+    reload_interval: float = Field(10.0, ge=0, description="seconds between looks for new versions; 0 = off")
+    protect_docs: bool = Field(False, description="with keys on, /docs, /redoc and /openapi.json need a key too")
+
+    @field_validator("api_keys_file", "trusted_keys", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _limits_agree(self) -> Settings:

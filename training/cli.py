@@ -44,7 +44,8 @@ def train_parser() -> argparse.ArgumentParser:
         prog="vae-train",
         description="Train a VAE, export encoder and decoder to TorchScript and ONNX, verify them against "
                     "the eager model, and write models/<name>/<version>/. "
-                    "Run `vae-train evaluate --help` to score an exported model.",
+                    "Run `vae-train evaluate --help` to score an exported model, `vae-train keygen --help` and "
+                    "`vae-train sign --help` to sign models.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
@@ -77,6 +78,25 @@ def train_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("output")
     o.add_argument("--name", help="model name [default: the dataset's name]")
     o.add_argument("--output", type=Path, default=Path("models"), help="model repository")
+    o.add_argument("--sign", type=Path, metavar="KEY",
+                   help="sign the export with this Ed25519 private key (PEM; `vae-train keygen` makes one)")
+    return p
+
+
+def sign_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-train sign",
+                                description="Sign an exported model folder: writes model.sig, an Ed25519 signature "
+                                            "over model.json (which holds every file's sha256).")
+    p.add_argument("model", type=Path, help="model folder, e.g. models/digits/1")
+    p.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    return p
+
+
+def keygen_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vae-train keygen",
+                                description="Make an Ed25519 key pair for signing models: PREFIX.key (private, "
+                                            "mode 600) and PREFIX.pub (for the service's VAE_TRUSTED_KEYS).")
+    p.add_argument("prefix", type=Path, help="e.g. keys/signing")
     return p
 
 
@@ -141,7 +161,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     metrics = {"val_neg_elbo": best.val_loss, "val_reconstruction": best.val_reconstruction,
                "val_kl": best.val_kl, "train_neg_elbo": best.train_loss}
     folder, manifest = export_model(result.model, data, name=name, output=args.output, training=training,
-                                    metrics=metrics)
+                                    metrics=metrics, sign=args.sign)
     worst = max(c.max_abs_diff for c in manifest.parity)
     print(f"best epoch {result.best_epoch}: validation -ELBO {best.val_loss:.3f} nats; "
           f"training took {result.train_seconds:.1f}s")
@@ -169,6 +189,27 @@ def main(argv: list[str] | None = None) -> int:
                       f"(reconstruction {result['reconstruction']:.3f}, KL {result['kl']:.3f})")
                 if "iw_nll" in result:
                     print(f"  -log p(x), K={result['samples']:<5} {result['iw_nll']:.3f} nats/example")
+            return 0
+        if argv[:1] == ["sign"]:
+            from service.manifest import read_manifest
+            from service.signing import load_private_key, sign_folder
+
+            args = sign_parser().parse_args(argv[1:])
+            read_manifest(args.model)  # sign only a folder that verifies now
+            sign_folder(args.model, load_private_key(args.key))
+            print(f"signed {args.model} ({args.model / 'model.sig'})")
+            return 0
+        if argv[:1] == ["keygen"]:
+            from service.signing import generate_keypair
+
+            args = keygen_parser().parse_args(argv[1:])
+            private, public = args.prefix.with_suffix(".key"), args.prefix.with_suffix(".pub")
+            if private.exists() or public.exists():
+                raise ValueError(f"{private} or {public} exists already; keys are never overwritten")
+            args.prefix.parent.mkdir(parents=True, exist_ok=True)
+            generate_keypair(private, public)
+            print(f"private key {private} (keep it with whoever exports models); public key {public} "
+                  "(give it to the service as VAE_TRUSTED_KEYS)")
             return 0
         run_training(train_parser().parse_args(argv), argv)
         return 0

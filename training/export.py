@@ -37,6 +37,7 @@ from service.manifest import (
 )
 from service.runtime import load_graph
 from service.scoring import common_noise, sample_latents, scores
+from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
 
@@ -131,10 +132,14 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray) -> Calibration:
 
 
 def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
-                 metrics: dict[str, float]) -> tuple[Path, Manifest]:
-    """Write `output/name/<next version>/` atomically; never touches an existing version."""
+                 metrics: dict[str, float], sign: Path | None = None) -> tuple[Path, Manifest]:
+    """Write `output/name/<next version>/` atomically; never touches an existing version.
+
+    `sign`: an Ed25519 private key (PEM); the folder then carries `model.sig` from the start.
+    """
     import re
 
+    key = load_private_key(sign) if sign is not None else None
     if not re.match(NAME_PATTERN, name):
         raise ExportError(f"model name {name!r} must match {NAME_PATTERN}")
     model = model.cpu().eval()
@@ -168,6 +173,9 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "calibration": calibration, "files": files,
             })
             (work / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
+            if key is not None:
+                sign_folder(work, key)
+                (work / SIGNATURE_FILE).chmod(0o644)
             target = root / str(version)
             try:
                 os.rename(work, target)

@@ -1,0 +1,151 @@
+"""Models that change while serving: new versions switch in without a failed request, vanished ones
+finish their in-flight requests, broken, tampered or (with signing on) unsigned ones are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.signing import generate_keypair
+from tests.service_helpers import DEFAULT_MODEL, Gate, Reference, digits_rows, metric, serving
+from training.cli import main as train_main
+
+pytestmark = pytest.mark.anyio
+
+
+def as_version(source: Path, root: Path, version: int, name: str = "digits") -> Path:
+    """A copy of a model folder as `name/version` (name and version live in the manifest, unhashed)."""
+    target = root / name / str(version)
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "model.json").read_text())
+    manifest.update(name=name, version=version)
+    (target / "model.json").write_text(json.dumps(manifest))
+    return target
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    shutil.copytree(DEFAULT_MODEL, tmp_path / "models" / "digits" / "1")
+    return tmp_path / "models"
+
+
+async def test_a_new_version_switches_in_under_load_and_the_old_one_drains(repo, tiny_model, tmp_path):
+    rows = digits_rows(64)
+    staged = as_version(tiny_model, tmp_path / "staging", 2)
+    references = {1: Reference(repo / "digits" / "1"), 2: Reference(staged)}
+    answers: list[tuple[int, int, dict]] = []
+    stop = asyncio.Event()
+    async with serving(repo, reload_interval=0.05) as (app, client):
+        async def load(worker: int) -> None:
+            i = worker
+            while not stop.is_set():
+                r = await client.post("/encode", json={"inputs": rows[i % 64 : i % 64 + 1].tolist()})
+                answers.append((i % 64, r.status_code, r.json()))
+                i += 7
+
+        workers = [asyncio.create_task(load(w)) for w in range(8)]
+        await asyncio.sleep(0.3)
+        shutil.copytree(staged, repo / "digits" / "2")  # the poll picks it up
+        for _ in range(200):
+            if answers and answers[-1][2].get("version") == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*workers)
+        models = (await client.get("/models")).json()
+    assert all(status == 200 for _, status, _ in answers), [a for a in answers if a[1] != 200][:3]
+    versions = [body["version"] for _, _, body in answers]
+    assert set(versions) == {1, 2}
+    first_new = versions.index(2)
+    assert set(versions[first_new + 16 :]) == {2}  # once switched, latest stays the new version
+    for i, _, body in answers:  # each answer names the version that computed it
+        expected, _ = references[body["version"]].encode(rows[i : i + 1])
+        np.testing.assert_allclose(body["mean"], expected, atol=1e-4)
+    assert models["models"] == [{"name": "digits", "versions": [1, 2], "latest": 2}]
+
+
+async def test_a_removed_version_finishes_its_requests_then_is_gone(repo, tmp_path):
+    as_version(repo / "digits" / "1", repo, 2)
+    async with serving(repo, reload_interval=0) as (app, client):
+        v1 = app.state.vae.repository.get("digits", 1)
+        gate = Gate(v1.encoder.fn)
+        v1.encoder.fn = gate
+        held = asyncio.create_task(client.post("/encode", json={"inputs": digits_rows(1).tolist(), "version": 1}))
+        await asyncio.to_thread(gate.entered.wait, 10)
+        shutil.rmtree(repo / "digits" / "1")
+        report = (await client.post("/admin/reload")).json()
+        assert report["unloaded"] == ["digits/1"] and report["models"] == {"digits": [2]}
+        assert (await client.post("/encode", json={"inputs": digits_rows(1).tolist(), "version": 1})).status_code == 404
+        gate.open.set()
+        r = await held
+        assert r.status_code == 200 and r.json()["version"] == 1
+        text = (await client.get("/metrics")).text
+    assert metric(text, "vae_model_info", version="1") == 0 and metric(text, "vae_model_info", version="2") == 1
+
+
+async def test_broken_and_tampered_versions_are_refused_while_the_old_one_serves(repo):
+    async with serving(repo, reload_interval=0) as (_, client):
+        half = repo / "digits" / "2"
+        half.mkdir()
+        (half / "encoder.onnx").write_bytes(b"still copying")
+        report = (await client.post("/admin/reload")).json()
+        assert "no manifest" in report["refused"]["digits/2"]
+        assert (await client.post("/admin/reload")).json()["refused"] == {}  # unchanged: not retried or recounted
+        shutil.rmtree(half)
+        tampered = as_version(repo / "digits" / "1", repo, 2)
+        with (tampered / "weights.safetensors").open("r+b") as f:
+            f.seek(200)
+            f.write(b"\x00\x01\x02")
+        report = (await client.post("/admin/reload")).json()
+        assert "does not match its sha256" in report["refused"]["digits/2"]
+        listing = (await client.get("/models")).json()
+        assert listing["models"][0]["latest"] == 1 and "digits/2" in listing["refused"]
+        r = await client.post("/encode", json={"inputs": digits_rows(1).tolist()})
+        assert r.status_code == 200 and r.json()["version"] == 1
+        shutil.rmtree(tampered)
+        as_version(repo / "digits" / "1", repo, 2)  # mended: tried again, and loads
+        report = (await client.post("/admin/reload")).json()
+        assert report["loaded"] == ["digits/2"] and (await client.get("/models")).json()["refused"] == {}
+        text = (await client.get("/metrics")).text
+    assert metric(text, "vae_model_load_failures_total", version="2") == 2
+
+
+async def test_signing_on_refuses_unsigned_and_foreign_signed_versions(repo, tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    assert train_main(["keygen", str(keys / "ours")]) == 0
+    generate_keypair(keys / "theirs.key", keys / "theirs.pub")
+    assert (keys / "ours.key").stat().st_mode & 0o077 == 0
+    assert train_main(["sign", str(repo / "digits" / "1"), "--key", str(keys / "ours.key")]) == 0
+    async with serving(repo, reload_interval=0, trusted_keys=keys / "ours.pub") as (_, client):
+        assert (await client.get("/models")).json()["models"][0]["versions"] == [1]
+        unsigned = as_version(repo / "digits" / "1", repo, 2)
+        (unsigned / "model.sig").unlink()
+        assert "unsigned" in (await client.post("/admin/reload")).json()["refused"]["digits/2"]
+        assert train_main(["sign", str(unsigned), "--key", str(keys / "theirs.key")]) == 0
+        assert "does not verify" in (await client.post("/admin/reload")).json()["refused"]["digits/2"]
+        assert train_main(["sign", str(unsigned), "--key", str(keys / "ours.key")]) == 0
+        assert (await client.post("/admin/reload")).json()["loaded"] == ["digits/2"]
+        edited = as_version(repo / "digits" / "2", repo, 3)  # signed bytes changed after signing
+        assert "does not verify" in (await client.post("/admin/reload")).json()["refused"]["digits/3"]
+        r = await client.post("/encode", json={"inputs": digits_rows(1).tolist()})
+        assert r.json()["version"] == 2
+        assert edited.exists()
+
+
+def test_training_signs_its_export(tmp_path):
+    assert train_main(["keygen", str(tmp_path / "k")]) == 0
+    assert train_main(["keygen", str(tmp_path / "k")]) == 2  # never overwrites a key
+    assert train_main(["--dataset", "digits", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--no-progress",
+                       "--output", str(tmp_path / "m"), "--name", "s", "--checkpoint", str(tmp_path / "c.pt"),
+                       "--sign", str(tmp_path / "k.key")]) == 0
+    from service.signing import load_public_keys, verify_folder
+
+    folder = tmp_path / "m" / "s" / "1"
+    verify_folder(folder, (folder / "model.json").read_bytes(), load_public_keys(tmp_path / "k.pub"))
