@@ -60,7 +60,8 @@ async def test_every_inference_path_needs_a_key(keys_file):
             assert len(set(refused)) == 1, "a missing and a wrong key must look the same"
             error = r.json()["error"]
             assert (error if path.startswith("/v2") else error["message"]).startswith("a valid API key is required")
-            for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": OTHER}, {"authorization": f"bearer {KEY}"}):
+            for headers in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": OTHER},
+                            {"authorization": f"bearer {KEY}"}):
                 r = await client.request(method, path, **with_headers(kwargs, headers))
                 assert r.status_code == 200, (path, headers, r.text)
         for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics",
