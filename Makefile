@@ -36,8 +36,8 @@ test: setup system-tools
 	$(BIN)/python -m pytest
 
 lint: setup
-	$(BIN)/ruff check training service bench tests
-	$(BIN)/mypy training service bench
+	$(BIN)/ruff check training service bench vaeclient tests
+	$(BIN)/mypy training service bench vaeclient
 
 bench: setup system-tools
 	$(BIN)/vae-bench

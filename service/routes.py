@@ -91,8 +91,11 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
 @router.get("/models", summary="Loaded models and their versions; refused versions with the reason")
 async def list_models(state: State) -> Response:
     repo = await state.loaded_repository()
+    s = state.settings
     body = {
-        "default": state.settings.default_model,
+        "default": s.default_model,
+        "limits": {"max_rows": s.max_rows, "max_samples": s.max_samples, "max_decode_rows": s.max_decode_rows,
+                   "max_steps": s.max_steps, "max_body_bytes": s.max_body_bytes},
         "models": [{"name": name, "versions": sorted(v), "latest": max(v)} for name, v in sorted(repo.models.items())],
         "refused": repo.failures,
     }

@@ -12,10 +12,10 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff():
-    result = run("ruff", "check", "training", "service", "bench", "tests")
+    result = run("ruff", "check", "training", "service", "bench", "vaeclient", "tests")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_mypy():
-    result = run("mypy", "training", "service", "bench")
+    result = run("mypy", "training", "service", "bench", "vaeclient")
     assert result.returncode == 0, result.stdout + result.stderr
