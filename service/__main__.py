@@ -17,6 +17,7 @@ from service.settings import Settings, get_settings
 from service.signing import load_public_keys
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GRACEFUL_SHUTDOWN_S = 30  # after SIGTERM: stop accepting, let in-flight requests finish this long, exit
 
 
 def prepare_multiprocess_metrics() -> Path:
@@ -36,7 +37,7 @@ def prepare_multiprocess_metrics() -> Path:
 
 def run(settings: Settings) -> None:
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
-              "access_log": settings.access_log, "timeout_graceful_shutdown": 30,
+              "access_log": settings.access_log, "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
               # X-Forwarded-For only feeds the access log's client address; skip it unless that log is on.
               "proxy_headers": settings.access_log}
     if settings.workers == 1:
