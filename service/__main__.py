@@ -38,6 +38,7 @@ def prepare_multiprocess_metrics() -> Path:
 def run(settings: Settings) -> None:
     common: dict[str, Any] = {"host": settings.host, "port": settings.port, "log_level": settings.log_level,
               "access_log": settings.access_log, "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+              "timeout_keep_alive": settings.keep_alive_timeout,
               # X-Forwarded-For only feeds the access log's client address; skip it unless that log is on.
               "proxy_headers": settings.access_log}
     if settings.workers == 1:

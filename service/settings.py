@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64, description="uvicorn worker processes; batching is per process")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = False
+    keep_alive_timeout: float = Field(75.0, gt=0, description="seconds an idle keep-alive connection stays open; "
+                                      "above any proxy's idle timeout, or a request sent as it closes is reset")
     api_keys_file: Path | None = Field(None, description="sha256 hashes of the accepted API keys; unset = keys off")
     protect_metrics: bool = Field(False, description="with keys on, /metrics needs a key too")
     trusted_keys: Path | None = Field(None, description="Ed25519 public keys (PEM); set = only signed models load")
