@@ -30,6 +30,7 @@ from bench.workloads import (
     digits_row,
     export_mnist_sized,
     mnist_like_row,
+    request_headers,
     write_bodies,
 )
 from service.repository import resolve_device
@@ -54,8 +55,9 @@ def measure_cells(server: Server, w: Workload, body: Path, *, model: str, second
     out = []
     for duration in seconds:
         before = server.batch_totals(w.network, model)
-        result = run_wrk(f"{server.url}{w.path}", body, connections=w.connections, seconds=duration,
-                         rows_per_request=w.rows, content_type=w.content_type, accept=w.accept)
+        result = run_wrk(f"{server.url}{w.path.format(model=model)}", body, connections=w.connections,
+                         seconds=duration, rows_per_request=w.rows, content_type=w.content_type, accept=w.accept,
+                         headers=request_headers(body.read_bytes()))
         after = server.batch_totals(w.network, model)
         out.append({"result": result, "rows": after[0] - before[0], "batches": after[1] - before[1]})
     return out

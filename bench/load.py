@@ -43,8 +43,10 @@ def wrk_path() -> str:
 
 
 def run_wrk(url: str, body: Path, *, connections: int, seconds: float, rows_per_request: int,
-            content_type: str = "application/json", accept: str = "") -> LoadResult:
-    env = {**os.environ, "WRK_BODY_FILE": str(body), "WRK_CONTENT_TYPE": content_type, "WRK_ACCEPT": accept}
+            content_type: str = "application/json", accept: str = "",
+            headers: dict[str, str] | None = None) -> LoadResult:
+    env = {**os.environ, "WRK_BODY_FILE": str(body), "WRK_CONTENT_TYPE": content_type, "WRK_ACCEPT": accept,
+           "WRK_HEADERS": "\n".join(f"{k}: {v}" for k, v in (headers or {}).items())}
     # One wrk thread, as the peer driver uses: it needs a few % of a core, the server gets the rest.
     cmd = [wrk_path(), "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(LUA), url]

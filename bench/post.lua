@@ -1,5 +1,5 @@
--- wrk script: POST the body in $WRK_BODY_FILE with $WRK_CONTENT_TYPE (default JSON) and, when set,
--- Accept: $WRK_ACCEPT. Prints one line at the end:  WRKJSON {...}  (latencies in microseconds).
+-- wrk script: POST the body in $WRK_BODY_FILE with $WRK_CONTENT_TYPE (default JSON), when set
+-- Accept: $WRK_ACCEPT, and any $WRK_HEADERS. Prints one line at the end:  WRKJSON {...}  (latencies in microseconds).
 local path = os.getenv("WRK_BODY_FILE")
 assert(path, "set WRK_BODY_FILE")
 local f = assert(io.open(path, "rb"))
@@ -9,6 +9,10 @@ f:close()
 wrk.headers["Content-Type"] = os.getenv("WRK_CONTENT_TYPE") or "application/json"
 local accept = os.getenv("WRK_ACCEPT")
 if accept and accept ~= "" then wrk.headers["Accept"] = accept end
+-- $WRK_HEADERS: more headers, one "Name: value" per line (a v2 binary body's header length).
+for name, value in string.gmatch(os.getenv("WRK_HEADERS") or "", "([^:\n]+):%s*([^\n]*)") do
+  wrk.headers[name] = value
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

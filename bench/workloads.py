@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ MNIST_NAME = "mnist-bench"
 @dataclass(frozen=True)
 class Workload:
     name: str
-    path: str
+    path: str  # "{model}" is replaced by the model's name
     body: str  # a key of Bodies
     connections: int
     rows: int  # rows per request
@@ -35,10 +36,20 @@ WORKLOADS = (
     Workload("encode 1 row", "/encode", "row", 64, 1, "encoder", single_row=True),
     Workload("encode 64 rows JSON", "/encode", "rows64", 16, 64, "encoder"),
     Workload("encode 64 rows npy", "/encode", "npy64", 16, 64, "encoder", "application/x-npy", "application/x-npz"),
+    Workload("encode 64 rows v2 binary", "/v2/models/{model}.encode/infer", "v2bin64", 16, 64, "encoder",
+             "application/octet-stream"),
     Workload("anomaly-score 1 row", "/anomaly-score", "row", 16, 1, "decoder"),
     Workload("sample 1", "/sample", "sample", 16, 1, "decoder"),
 )
 BATCHING_OFF = tuple(w for w in WORKLOADS if w.single_row)
+
+
+def request_headers(body: bytes) -> dict[str, str]:
+    """Extra headers a body needs: a v2 binary body declares where its JSON header ends."""
+    if body[:1] != b"{":
+        return {}
+    _, end = json.JSONDecoder().raw_decode(body.decode("latin-1"))
+    return {"Inference-Header-Content-Length": str(end)} if end < len(body) else {}
 
 
 def mnist_like_row() -> list[float]:
@@ -62,10 +73,15 @@ def write_bodies(folder: Path, row: list[float]) -> dict[str, Path]:
     rows = [row] * 64
     buffer = io.BytesIO()
     np.save(buffer, np.asarray(rows, dtype=np.float32))
+    array = np.asarray(rows, dtype=np.float32)
     bodies = {
         "row": orjson.dumps({"inputs": [row]}),
         "rows64": orjson.dumps({"inputs": rows}),
         "npy64": buffer.getvalue(),
+        # Open Inference Protocol v2, binary tensor extension both ways: the same rows and outputs as npy64.
+        "v2bin64": orjson.dumps({"inputs": [{"name": "inputs", "shape": list(array.shape), "datatype": "FP32",
+                                             "parameters": {"binary_data_size": array.nbytes}}],
+                                 "parameters": {"binary_data_output": True}}) + array.tobytes(),
         "sample": orjson.dumps({"n": 1, "seed": 1}),
     }
     paths = {}

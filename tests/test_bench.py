@@ -23,6 +23,7 @@ def synthetic_run() -> dict:
     on["encode 1 row c=64"] = c("encode 1 row c=64", 9000, 6.0, 30.0)  # p99 worse than TorchServe's below
     on["encode 64 rows JSON c=16"] = c("encode 64 rows JSON c=16", 470, 30, 40, rows=64)
     on["encode 64 rows npy c=16"] = c("encode 64 rows npy c=16", 2000, 5, 7, rows=64)
+    on["encode 64 rows v2 binary c=16"] = c("encode 64 rows v2 binary c=16", 1600, 6, 8, rows=64)
     off = {"encode 1 row c=1": c("encode 1 row c=1", 5100, 0.19, 0.3)}
     peers = {
         "torchserve-batch64": {"cells": {"c=64": {"req_per_s": 4000, "rows_per_s": 4000, "p50_ms": 13, "p99_ms": 26,
@@ -50,6 +51,8 @@ def test_targets_compare_against_the_same_run():
     assert by_name["64 rows JSON c=16 rows/s >= 1.5x Triton"]["holds"] is True  # 30,080 >= 16,320
     npy = by_name["64 rows npy c=16 rows/s >= 50% of raw batch-64 (onnx)"]
     assert npy["reference"] == 150000 and npy["holds"] is False  # 128,000 < 150,000
+    v2 = by_name["64 rows v2 binary c=16 rows/s >= 75% of npy's"]
+    assert v2["reference"] == 96000 and v2["holds"] is True  # 102,400 >= 0.75 x 128,000
 
 
 def test_targets_say_not_measured_without_peers():

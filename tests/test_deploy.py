@@ -125,7 +125,12 @@ def test_compose_service_agrees_with_the_settings():
     settings = Settings()
     host_port, container_port = svc["ports"][0].split(":")
     assert int(container_port) == int(svc["environment"]["VAE_PORT"]) == settings.port
-    assert svc["volumes"] == [f"./models:{svc['environment']['VAE_MODEL_DIR']}:ro"]
+    assert svc["volumes"][0] == f"./models:{svc['environment']['VAE_MODEL_DIR']}:ro"
+    keys_mount = svc["volumes"][1].split(":")[1]
+    assert svc["environment"]["VAE_API_KEYS_FILE"] == "${VAE_API_KEYS_FILE:-}"  # off unless the user sets it
+    assert Settings(api_keys_file="").api_keys_file is None  # what the empty default means
+    assert "/etc/vaeserve/keys/api-keys" in (REPO / "deploy" / "keys" / "README.md").read_text()
+    assert keys_mount == "/etc/vaeserve/keys"
     assert svc["healthcheck"]["test"] == ["CMD", "python3", "-m", "service.healthcheck"]
     assert svc["restart"] == "unless-stopped"
     limits = svc["deploy"]["resources"]["limits"]
