@@ -152,8 +152,10 @@ def test_a_body_trickled_or_never_sent_cannot_hold_the_server(quick_timeout_serv
 
 
 def test_sigterm_under_load_finishes_in_flight_refuses_new_and_exits_in_time(tmp_path: Path):
-    server = Server(model_dir=REPO_ROOT, env={"VAE_RELOAD_INTERVAL": "0", "VAE_MAX_DECODE_ROWS": "1000000"},
-                    log=tmp_path / "server.log")
+    # The queue bound above the slow request's 200,000 decoder rows: a call over the bound runs only
+    # when its queue is empty, and under load it would be refused with 503 (by design, not shutdown).
+    env = {"VAE_RELOAD_INTERVAL": "0", "VAE_MAX_DECODE_ROWS": "1000000", "VAE_MAX_QUEUE_ROWS": "1000000"}
+    server = Server(model_dir=REPO_ROOT, env=env, log=tmp_path / "server.log")
     assert server.proc is not None
     results: list[tuple[float, float, int | str]] = []  # (sent, answered, status or error)
     stop = threading.Event()
