@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import shutil
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -94,3 +96,13 @@ class Gate:
         assert self.open.wait(30)
         self.rows += len(x)
         return self.fn(x)
+
+
+def copy_model(root: Path, name: str, version: int, source: Path = DEFAULT_MODEL) -> Path:
+    """A copy of a model folder as `root/name/version` (name and version live in the manifest, unhashed)."""
+    target = root / name / str(version)
+    shutil.copytree(source, target)
+    manifest = json.loads((target / "model.json").read_text())
+    manifest.update(name=name, version=version)
+    (target / "model.json").write_text(json.dumps(manifest))
+    return target

@@ -4,7 +4,6 @@ finish their in-flight requests, broken, tampered or (with signing on) unsigned 
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 from pathlib import Path
 
@@ -12,20 +11,10 @@ import numpy as np
 import pytest
 
 from service.signing import generate_keypair
-from tests.service_helpers import DEFAULT_MODEL, Gate, Reference, digits_rows, metric, serving
+from tests.service_helpers import DEFAULT_MODEL, Gate, Reference, copy_model, digits_rows, metric, serving
 from training.cli import main as train_main
 
 pytestmark = pytest.mark.anyio
-
-
-def as_version(source: Path, root: Path, version: int, name: str = "digits") -> Path:
-    """A copy of a model folder as `name/version` (name and version live in the manifest, unhashed)."""
-    target = root / name / str(version)
-    shutil.copytree(source, target)
-    manifest = json.loads((target / "model.json").read_text())
-    manifest.update(name=name, version=version)
-    (target / "model.json").write_text(json.dumps(manifest))
-    return target
 
 
 @pytest.fixture
@@ -36,7 +25,7 @@ def repo(tmp_path: Path) -> Path:
 
 async def test_a_new_version_switches_in_under_load_and_the_old_one_drains(repo, tiny_model, tmp_path):
     rows = digits_rows(64)
-    staged = as_version(tiny_model, tmp_path / "staging", 2)
+    staged = copy_model(tmp_path / "staging", "digits", 2, tiny_model)
     references = {1: Reference(repo / "digits" / "1"), 2: Reference(staged)}
     answers: list[tuple[int, int, dict]] = []
     stop = asyncio.Event()
@@ -71,7 +60,7 @@ async def test_a_new_version_switches_in_under_load_and_the_old_one_drains(repo,
 
 
 async def test_a_removed_version_finishes_its_requests_then_is_gone(repo, tmp_path):
-    as_version(repo / "digits" / "1", repo, 2)
+    copy_model(repo, "digits", 2, repo / "digits" / "1")
     async with serving(repo, reload_interval=0) as (app, client):
         v1 = app.state.vae.repository.get("digits", 1)
         gate = Gate(v1.encoder.fn)
@@ -98,7 +87,7 @@ async def test_broken_and_tampered_versions_are_refused_while_the_old_one_serves
         assert "no manifest" in report["refused"]["digits/2"]
         assert (await client.post("/admin/reload")).json()["refused"] == {}  # unchanged: not retried or recounted
         shutil.rmtree(half)
-        tampered = as_version(repo / "digits" / "1", repo, 2)
+        tampered = copy_model(repo, "digits", 2, repo / "digits" / "1")
         with (tampered / "weights.safetensors").open("r+b") as f:
             f.seek(200)
             f.write(b"\x00\x01\x02")
@@ -109,7 +98,7 @@ async def test_broken_and_tampered_versions_are_refused_while_the_old_one_serves
         r = await client.post("/encode", json={"inputs": digits_rows(1).tolist()})
         assert r.status_code == 200 and r.json()["version"] == 1
         shutil.rmtree(tampered)
-        as_version(repo / "digits" / "1", repo, 2)  # mended: tried again, and loads
+        copy_model(repo, "digits", 2, repo / "digits" / "1")  # mended: tried again, and loads
         report = (await client.post("/admin/reload")).json()
         assert report["loaded"] == ["digits/2"] and (await client.get("/models")).json()["refused"] == {}
         text = (await client.get("/metrics")).text
@@ -125,14 +114,14 @@ async def test_signing_on_refuses_unsigned_and_foreign_signed_versions(repo, tmp
     assert train_main(["sign", str(repo / "digits" / "1"), "--key", str(keys / "ours.key")]) == 0
     async with serving(repo, reload_interval=0, trusted_keys=keys / "ours.pub") as (_, client):
         assert (await client.get("/models")).json()["models"][0]["versions"] == [1]
-        unsigned = as_version(repo / "digits" / "1", repo, 2)
+        unsigned = copy_model(repo, "digits", 2, repo / "digits" / "1")
         (unsigned / "model.sig").unlink()
         assert "unsigned" in (await client.post("/admin/reload")).json()["refused"]["digits/2"]
         assert train_main(["sign", str(unsigned), "--key", str(keys / "theirs.key")]) == 0
         assert "does not verify" in (await client.post("/admin/reload")).json()["refused"]["digits/2"]
         assert train_main(["sign", str(unsigned), "--key", str(keys / "ours.key")]) == 0
         assert (await client.post("/admin/reload")).json()["loaded"] == ["digits/2"]
-        edited = as_version(repo / "digits" / "2", repo, 3)  # signed bytes changed after signing
+        edited = copy_model(repo, "digits", 3, repo / "digits" / "2")  # signed bytes changed after signing
         assert "does not verify" in (await client.post("/admin/reload")).json()["refused"]["digits/3"]
         r = await client.post("/encode", json={"inputs": digits_rows(1).tolist()})
         assert r.json()["version"] == 2

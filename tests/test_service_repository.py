@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.runtime import cuda_available
-from tests.service_helpers import DEFAULT_MODEL, digits_rows, serving
+from tests.service_helpers import copy_model, digits_rows, serving
 
 pytestmark = pytest.mark.anyio
-
-
-def copy_model(root: Path, name: str, version: int) -> Path:
-    target = root / name / str(version)
-    shutil.copytree(DEFAULT_MODEL, target)
-    manifest = json.loads((target / "model.json").read_text())
-    manifest.update(name=name, version=version)
-    (target / "model.json").write_text(json.dumps(manifest))
-    return target
 
 
 async def test_broken_versions_are_refused_and_the_rest_served(tmp_path, caplog):
