@@ -1,0 +1,101 @@
+"""Anomaly evaluation: labelled files read strictly, rows scored exactly as the service scores them,
+the metrics against scikit-learn, and a quick run of the benchmark protocol on a shared table."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.conftest import SHARED
+from tests.service_helpers import digits_rows, serving
+from training.anomaly import ServedScorer, benchmark, detection_metrics, markdown, read_labelled
+from training.cli import main as train_main
+from training.data import DataError
+
+ADBENCH = SHARED / "data" / "adbench"
+
+
+def labelled_digits(n: int = 120) -> tuple[np.ndarray, np.ndarray]:
+    """Digits rows (normal) and uniform noise in the digits' range (anomalous)."""
+    normal = digits_rows(n, start=1500)
+    noise = np.random.default_rng(0).uniform(0, 16, size=(n // 6, 64)).astype(np.float32)
+    return np.concatenate([normal, noise]), np.r_[np.zeros(n), np.ones(n // 6)].astype(np.int64)
+
+
+def test_labelled_files_in_every_format(tmp_path):
+    x, y = labelled_digits(30)
+    header = ",".join([f"f{i}" for i in range(64)] + ["label"])
+    lines = [header] + [",".join(map(str, [*row.tolist(), int(t)])) for row, t in zip(x, y, strict=True)]
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    np.savez(tmp_path / "t.npz", X=x, y=y)
+    for got in (read_labelled(tmp_path / "t.csv", label_column="label"),
+                read_labelled(tmp_path / "x.npy", labels=tmp_path / "y.npy"), read_labelled(tmp_path / "t.npz")):
+        np.testing.assert_allclose(got[0], x, rtol=1e-6)
+        np.testing.assert_array_equal(got[1], y)
+    np.save(tmp_path / "bad.npy", np.where(y == 1, 2, 0))
+    with pytest.raises(DataError, match="must be 0 .normal. or 1 .anomaly., got \\['0', '2'\\]"):
+        read_labelled(tmp_path / "x.npy", labels=tmp_path / "bad.npy")
+    (tmp_path / "words.csv").write_text("a,label\n1,normal\n2,weird\n")
+    with pytest.raises(DataError, match="labels must be 0"):
+        read_labelled(tmp_path / "words.csv", label_column="label")
+    np.savez(tmp_path / "empty.npz", X=np.zeros((0, 3)), y=np.zeros(0))
+    with pytest.raises(DataError, match="non-empty"):
+        read_labelled(tmp_path / "empty.npz")
+    np.save(tmp_path / "short.npy", y[:-1])
+    with pytest.raises(DataError, match="labels"):
+        read_labelled(tmp_path / "x.npy", labels=tmp_path / "short.npy")
+    with pytest.raises(DataError, match="--labels"):
+        read_labelled(tmp_path / "x.npy")
+
+
+def test_metrics_agree_with_scikit_learn():
+    from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(1)
+    y = (rng.random(300) < 0.1).astype(int)
+    score = rng.normal(size=300) + 2 * y
+    m = detection_metrics(y, score, threshold=1.0)
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, score))
+    assert m["auprc"] == pytest.approx(average_precision_score(y, score))
+    assert m["f1"] == pytest.approx(f1_score(y, score > 1.0)) and m["flagged"] == int((score > 1.0).sum())
+    with pytest.raises(DataError, match="one class"):
+        detection_metrics(np.zeros(5), np.arange(5.0), 1.0)
+
+
+@pytest.mark.anyio
+async def test_scores_are_the_services_own(tiny_repo):
+    x, _ = labelled_digits(40)
+    scorer = ServedScorer.load(tiny_repo / "tiny" / "1")
+    async with serving(tiny_repo, default_model="tiny", reload_interval=0) as (_, client):
+        served = (await client.post("/anomaly-score", json={"inputs": x.tolist()})).json()
+    np.testing.assert_allclose(scorer(x), served["score"], rtol=1e-6)
+    assert scorer.manifest.calibration.threshold == served["threshold"]
+
+
+def test_evaluate_labelled_rows_from_the_command_line(tiny_repo, tmp_path, capsys):
+    x, y = labelled_digits()
+    np.savez(tmp_path / "rows.npz", X=x, y=y)
+    assert train_main(["evaluate", str(tiny_repo / "tiny" / "1"), "--data", str(tmp_path / "rows.npz"), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["rows"] == 140 and r["anomalies"] == 20 and r["auroc"] > 0.9  # noise is easy to tell from digits
+    assert set(r) >= {"auprc", "precision", "recall", "f1", "threshold", "score"}
+    np.save(tmp_path / "x.npy", x[:, :10])
+    np.save(tmp_path / "y.npy", y)
+    assert train_main(["evaluate", str(tiny_repo / "tiny" / "1"), "--data", str(tmp_path / "x.npy"),
+                       "--labels", str(tmp_path / "y.npy")]) == 2
+    assert "the model takes 64" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not ADBENCH.is_dir(), reason="../shared/data/adbench is not present")
+def test_quick_benchmark_on_one_shared_table(tmp_path):
+    shutil.copy(ADBENCH / "38_thyroid.npz", tmp_path)
+    result = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "10"], progress=False)
+    s = result["sets"]["38_thyroid"]
+    assert s["iforest_auroc_mean"] == pytest.approx(0.98, abs=0.01)  # the baseline the README quotes
+    assert s["vae_auroc_mean"] > 0.85 and s["runs"][0]["vae"]["rows"] == 1132
+    assert "| 38_thyroid | 3772 x 6 |" in markdown(result)
