@@ -104,7 +104,7 @@ class Manifest(Strict):
     input_shape: list[int] = Field(min_length=1)
     latent_dim: int = Field(ge=1)
     likelihood: Literal["bernoulli", "gaussian"]
-    decoder_logvar: Finite | None = None
+    decoder_logvar: Finite | list[Finite] | None = None  # Gaussian: shared, or one per feature
     preprocessing: Preprocessing
     feature_names: list[str] | None = None
     architecture: dict[str, Any]
@@ -130,6 +130,8 @@ class Manifest(Strict):
             raise ValueError(f"feature_names has {len(self.feature_names)} names for {self.input_dim} features")
         if self.likelihood == "gaussian" and self.decoder_logvar is None:
             raise ValueError("a gaussian model needs decoder_logvar")
+        if isinstance(self.decoder_logvar, list) and len(self.decoder_logvar) != self.input_dim:
+            raise ValueError(f"decoder_logvar has {len(self.decoder_logvar)} entries for {self.input_dim} features")
         missing = [f for f in REQUIRED_FILES if f not in self.files]
         if missing:
             raise ValueError(f"files is missing {missing}")

@@ -34,7 +34,7 @@ def sample_latents(mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.
 
 
 def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
-                   decoder_logvar: float | None) -> np.ndarray:
+                   decoder_logvar: float | list[float] | None) -> np.ndarray:
     """log p(x | z) summed over features, nats; x [M, D], output [M, D] (probabilities or mean)."""
     x = x.astype(np.float64)
     out = output.astype(np.float64)
@@ -42,7 +42,8 @@ def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
         p = np.clip(out, PROB_EPS, 1.0 - PROB_EPS)
         return np.sum(x * np.log(p) + (1.0 - x) * np.log1p(-p), axis=1)
     assert decoder_logvar is not None
-    return -0.5 * np.sum(LOG_2PI + decoder_logvar + (x - out) ** 2 * math.exp(-decoder_logvar), axis=1)
+    lv = np.asarray(decoder_logvar, dtype=np.float64)  # a scalar, or one per feature [D]
+    return -0.5 * np.sum(LOG_2PI + lv + (x - out) ** 2 * np.exp(-lv), axis=1)
 
 
 def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -53,7 +54,8 @@ def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 
 
 def scores(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray, output: np.ndarray,
-           likelihood: str, decoder_logvar: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+           likelihood: str, decoder_logvar: float | list[float] | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(score, reconstruction, kl) per row, nats.
 
     x [N, D] in model space; `output` [N*K, D] is the decoder run on `sample_latents(mean, logvar, eps)`.

@@ -72,7 +72,7 @@ async def test_scores_are_the_services_own(tiny_repo):
     x, _ = labelled_digits(40)
     scorer = ServedScorer.load(tiny_repo / "tiny" / "1")
     async with serving(tiny_repo, default_model="tiny", reload_interval=0) as (_, client):
-        served = (await client.post("/anomaly-score", json={"inputs": x.tolist()})).json()
+        served = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "version": 1})).json()
     np.testing.assert_allclose(scorer(x), served["score"], rtol=1e-6)
     assert scorer.manifest.calibration.threshold == served["threshold"]
 

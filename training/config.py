@@ -15,7 +15,9 @@ class ModelConfig:
     """Everything needed to rebuild the network (nanoGPT-style: the config is the model's identity).
 
     `hidden` is the MLP's layer widths, or the convolutional encoder's channel counts.
-    `decoder_logvar` is the Gaussian decoder's shared log-variance: learned when `learn_logvar`.
+    `decoder_logvar` is the Gaussian decoder's log-variance, learned when `learn_logvar`: one shared
+    value, or one per feature when `per_feature_logvar` (features on different scales and noise levels
+    then each get their own, which is what makes -log p(x) a fair anomaly score on tables).
     """
 
     input_shape: tuple[int, ...]
@@ -25,6 +27,7 @@ class ModelConfig:
     likelihood: Likelihood = "bernoulli"
     learn_logvar: bool = True
     decoder_logvar: float = 0.0
+    per_feature_logvar: bool = False
 
     @property
     def input_dim(self) -> int:
@@ -63,6 +66,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     seed: int = 0
     val_fraction: float = 0.1
+    trim: float = 0.0  # share of each batch's highest-loss rows left out of the step (contaminated data)
 
     def beta_at(self, epoch: int) -> float:
         """KL weight for a 0-based epoch: annealed linearly from 0 to `beta` over `warmup_epochs`."""

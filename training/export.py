@@ -82,6 +82,14 @@ def _export_graph(module: nn.Module, example: torch.Tensor, folder: Path, ts_nam
         )
 
 
+def decoder_logvar(model: VAE) -> float | list[float] | None:
+    """The Gaussian decoder's log-variance as the manifest stores it: one number, or one per feature."""
+    if model.cfg.likelihood != "gaussian":
+        return None
+    values = model.decoder_logvar.detach().cpu().double().tolist()
+    return values if model.cfg.per_feature_logvar else float(values[0])
+
+
 def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityCheck]:
     """Each exported graph against the eager model, on validation rows and random inputs, batches 1 and 64."""
     rng = np.random.default_rng(0)
@@ -123,8 +131,7 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray) -> Calibration:
     eps = common_noise(1, model.cfg.latent_dim, CALIBRATION_SEED)
     mean, logvar = encoder(x_val)
     out = decoder(sample_latents(mean, logvar, eps))[0]
-    logvar_dec = float(model.decoder_logvar.item()) if model.cfg.likelihood == "gaussian" else None
-    score, _, _ = scores(x_val, mean, logvar, eps, out, model.cfg.likelihood, logvar_dec)
+    score, _, _ = scores(x_val, mean, logvar, eps, out, model.cfg.likelihood, decoder_logvar(model))
     values = np.maximum.accumulate(np.quantile(score, CALIBRATION_LEVELS))
     return Calibration(samples=1, seed=CALIBRATION_SEED, n_rows=len(score), levels=CALIBRATION_LEVELS.tolist(),
                        values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
@@ -167,7 +174,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "schema_version": SCHEMA_VERSION, "name": name, "version": version,
                 "created_at": datetime.now(UTC), "input_shape": list(cfg.input_shape),
                 "latent_dim": cfg.latent_dim, "likelihood": cfg.likelihood,
-                "decoder_logvar": float(model.decoder_logvar.item()) if cfg.likelihood == "gaussian" else None,
+                "decoder_logvar": decoder_logvar(model),
                 "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
                 "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
                 "calibration": calibration, "files": files,

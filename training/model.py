@@ -123,7 +123,8 @@ class VAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
-        logvar = torch.tensor([cfg.decoder_logvar])
+        width = cfg.input_dim if cfg.per_feature_logvar else 1
+        logvar = torch.full((width,), float(cfg.decoder_logvar))
         if cfg.likelihood == "gaussian" and cfg.learn_logvar:
             self.decoder_logvar = nn.Parameter(logvar)
         else:

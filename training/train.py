@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,7 +103,11 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
                    disable=not progress, unit="batch")
         for b in bar:
             xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            loss = model.elbo(xb, beta=beta, generator=gen).loss.mean()
+            losses = model.elbo(xb, beta=beta, generator=gen).loss
+            if cfg.trim > 0:  # a trimmed mean: the rows the model fits worst (likely anomalies) do not pull it
+                keep = max(1, math.ceil(len(losses) * (1.0 - cfg.trim)))
+                losses = torch.topk(losses, keep, largest=False, sorted=False).values
+            loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
