@@ -87,9 +87,17 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     x = call.rows("inputs")
     call.check_range("samples", len(x) * p.samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(call.model, x=x, samples=p.samples, threshold=p.threshold)
-    labels = (call.model.name, str(call.model.version))
+    model = call.model
+    labels = (model.name, str(model.version))
     state.metrics.scored.labels(*labels).inc(len(x))
     state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))
+    score_hist, percentile_hist, drift_gauge = state.metrics.anomaly(model.name, model.version,
+                                                                     "elbo" if p.samples == 1 else "iwae")
+    for score, percentile in zip(result["score"].tolist(), result["percentile"].tolist(), strict=True):
+        score_hist.observe(score)
+        percentile_hist.observe(percentile)
+    if model.drift is not None and p.samples == model.manifest.calibration.samples:
+        drift_gauge.set(model.drift.observe(result["score"]))
     return result
 
 

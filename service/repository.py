@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from service.batching import Batcher
+from service.drift import ScoreDrift
 from service.errors import ModelNotFound
 from service.manifest import GRAPH_FILES, MANIFEST_FILE, Manifest, ManifestError, read_manifest
 from service.metrics import Metrics
@@ -41,6 +42,7 @@ class LoadedModel:
     encoder: Batcher  # x [N, D] (model space) -> mean, logvar
     decoder: Batcher  # z [N, L] -> x_mean [N, D] (model space)
     runtime_timings: dict[str, float] = field(default_factory=dict)
+    drift: ScoreDrift | None = None  # served scores against the calibration (the calibration's K only)
 
     def __post_init__(self) -> None:
         self.shift, self.scale = self.manifest.preprocessing.arrays()
@@ -264,7 +266,8 @@ class Repository:
 
         return LoadedModel(manifest=manifest, folder=folder, runtime=runtime, device=self.device,
                            encoder=batcher(encoder_graph, "encoder"), decoder=batcher(decoder_graph, "decoder"),
-                           runtime_timings={k: round(v * 1e6, 1) for k, v in timings.items()})
+                           runtime_timings={k: round(v * 1e6, 1) for k, v in timings.items()},
+                           drift=ScoreDrift(manifest.calibration, s.drift_window_rows))
 
     def get(self, name: str | None, version: int | None) -> LoadedModel:
         name = name or self.settings.default_model

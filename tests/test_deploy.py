@@ -177,7 +177,8 @@ def test_dashboard_queries_name_real_metrics_and_cover_the_essentials():
             assert name in known, f"{name} in {expr!r}"
     joined = " ".join(exprs)
     for needed in ("vae_requests_total", "vae_request_duration_seconds_bucket", "vae_batch_size_rows",
-                   "vae_queue_depth_rows", "vae_anomaly_rows_flagged_total"):
+                   "vae_queue_depth_rows", "vae_anomaly_rows_flagged_total", "vae_anomaly_score_nats_bucket",
+                   "vae_anomaly_score_psi", "vae_anomaly_percentile_bucket"):
         assert needed in joined
     datasource = yaml.safe_load((REPO / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {datasource["datasources"][0]["uid"]}
@@ -279,6 +280,7 @@ def test_a_real_prometheus_scrapes_the_traffic(repo, tmp_path):
             'sum(vae_requests_total{endpoint="encode",status="422"})': 1.0,
             'sum(vae_rows_processed_total{network="encoder"})': 7 * 2 + 3,
             'sum(vae_anomaly_rows_scored_total)': 3.0,
+            'sum(vae_anomaly_score_nats_count{score="elbo"})': 3.0,
             'up{job="vaeserve"}': 1.0,
         }
         deadline = time.monotonic() + 60
@@ -292,6 +294,8 @@ def test_a_real_prometheus_scrapes_the_traffic(repo, tmp_path):
                 break
             time.sleep(0.5)
         assert seen == expected
+        psi = query("max(vae_anomaly_score_psi)")  # saturated rows: all in the calibration's top decile
+        assert psi is not None and psi > 0.25
     finally:
         prom.terminate()
         prom.wait(20)
