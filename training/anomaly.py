@@ -19,7 +19,7 @@ import numpy as np
 from service.manifest import GRAPH_FILES, Manifest, read_manifest
 from service.runtime import Runtime, load_graph
 from service.scoring import common_noise, sample_latents, scores
-from training.data import DataError, _read_csv, check_finite
+from training.data import DataError, check_finite, read_csv_table
 
 MAX_DECODER_ROWS = 65_536  # rows x samples decoded at once
 
@@ -38,7 +38,7 @@ def read_labelled(path: Path, *, label_column: str | None = None, labels: Path |
     elif path.suffix == ".csv":
         if label_column is None:
             raise DataError(f"{path}: name the label column (--label-column)")
-        x, raw, _ = _read_csv(path, label_column)
+        x, raw, _ = read_csv_table(path, label_column)
         assert raw is not None
         y = _as_binary(raw, f"{path}, column {label_column!r}")
     else:

@@ -164,7 +164,7 @@ def load_mnist(path: Path) -> Dataset:
     )
 
 
-def _read_csv(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+def read_csv_table(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
     with path.open(newline="") as f:
         reader = csv.reader(f)
         try:
@@ -205,7 +205,7 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if kind == "csv":
-        x, y, names = _read_csv(path, label_column)
+        x, y, names = read_csv_table(path, label_column)
     else:
         if label_column is not None:
             raise DataError("--label-column applies to CSV files; a .npy file holds features only")

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.data import DataError, check_finite
+from training.data import DataError, check_finite, read_csv_table
 
 
 def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -30,29 +30,7 @@ def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray
         raise DataError(f"input file not found: {path}")
     ids = None
     if path.suffix == ".csv":
-        with path.open(newline="") as f:
-            reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: the file is empty; expected a header row")
-            header = [h.strip() for h in header]
-            if id_column is not None and id_column not in header:
-                raise DataError(f"{path}: id column {id_column!r} not in the header {header}")
-            at = header.index(id_column) if id_column is not None else -1
-            rows, id_values = [], []
-            for line_no, record in enumerate(reader, start=2):
-                if not record:
-                    continue
-                if len(record) != len(header):
-                    raise DataError(f"{path}, line {line_no}: {len(record)} cells, the header has {len(header)}")
-                try:
-                    rows.append([float(c) for i, c in enumerate(record) if i != at])
-                except ValueError:
-                    raise DataError(f"{path}, line {line_no}: a cell is not a number") from None
-                if at >= 0:
-                    id_values.append(record[at])
-        x = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(header) - (at >= 0))
-        ids = np.asarray(id_values) if at >= 0 else None
+        x, ids, _ = read_csv_table(path, id_column)  # the id column is kept out of the features
     elif path.suffix in (".npy", ".npz"):
         if id_column is not None:
             raise DataError("--id-column applies to CSV input")
