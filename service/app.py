@@ -68,23 +68,20 @@ class VAEApp(FastAPI):
         if scope["type"] == "http" and scope["method"] == "POST":
             path = scope["path"]
             endpoint = self.direct.get(path)
-            if endpoint is not None:
+            infer = v2.INFER_PATH.match(path) if endpoint is None and path.startswith("/v2/models/") else None
+            if endpoint is not None or infer is not None:
+                request = Request(scope, receive)
                 try:
-                    response = await endpoint(Request(scope, receive), self.vae)
+                    if endpoint is not None:
+                        response = await endpoint(request, self.vae)
+                    else:
+                        assert infer is not None
+                        response = await v2.infer(request, self.vae, infer[1], infer[2])
                 except Exception as exc:  # noqa: BLE001 - mapped like FastAPI's handlers map it
-                    response = response_for(exc, self.vae.settings.retry_after)
-                await response(scope, receive, send)
-                return
-            infer = v2.INFER_PATH.match(path) if path.startswith("/v2/models/") else None
-            if infer is not None:
-                try:
-                    response = await v2.infer(Request(scope, receive), self.vae, infer[1], infer[2])
-                except Exception as exc:  # noqa: BLE001 - mapped like FastAPI's handlers map it
-                    response = response_for(exc, self.vae.settings.retry_after, v2=True)
+                    response = response_for(exc, self.vae.settings.retry_after, v2=infer is not None)
                 await response(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
-
 
     def _authorised(self, scope: Scope) -> bool:
         s = self.vae.settings
