@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
-from service.scoring import sample_latents, scores
+from service.scoring import binarize, sample_latents, served_score
 
 Payload = dict[str, Any]
 
@@ -93,17 +94,20 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     return {**_header(model), "t": t, "latents": z, "outputs": await _decode(model, z)}
 
 
-async def anomaly_score(model: LoadedModel, *, x: np.ndarray, samples: int, threshold: float | None) -> Payload:
-    """Per-row negative ELBO (K = 1) or importance-weighted -log p(x) (K > 1), nats; higher = more anomalous."""
+async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,
+                        calibration: Calibration, threshold: float | None) -> Payload:
+    """Per-row scores, higher = more anomalous, placed among the calibration rows of that score."""
     xm = model.to_model_space(x)
+    if score == "complexity":
+        xm = binarize(xm)
     mean, logvar = await model.encoder(xm)
     eps = model.noise(samples)
     (out,) = await model.decoder(sample_latents(mean, logvar, eps))
     m = model.manifest
-    score, reconstruction, kl = scores(xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar)
-    used = m.calibration.threshold if threshold is None else threshold
+    values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar)
+    used = calibration.threshold if threshold is None else threshold
     return {
-        **_header(model), "score": score, "reconstruction": reconstruction, "kl": kl,
-        "percentile": m.calibration.percentile(score), "is_anomaly": score > used, "threshold": used,
-        "samples": samples,
+        **_header(model), "score": values, "reconstruction": reconstruction, "kl": kl,
+        "percentile": calibration.percentile(values), "is_anomaly": values > used, "threshold": used,
+        "samples": samples, "score_name": score,
     }

@@ -66,13 +66,16 @@ class ParityCheck(Strict):
         return self
 
 
+ScoreName = Literal["elbo", "iwae", "complexity"]
+
+
 class Calibration(Strict):
     """Quantiles of per-row anomaly scores on held-out rows (pyod's threshold_ convention).
 
     `levels[i]` of the held-out rows scored at most `values[i]`; higher scores are more anomalous.
     """
 
-    score: Literal["negative_elbo"] = "negative_elbo"
+    score: Literal["negative_elbo", "iwae", "complexity"] = "negative_elbo"
     samples: int = Field(ge=1)
     seed: int
     n_rows: int = Field(ge=1)
@@ -111,12 +114,16 @@ class Manifest(Strict):
     training: dict[str, Any]
     metrics: dict[str, Finite]
     parity: list[ParityCheck] = Field(min_length=1)
-    calibration: Calibration
+    calibration: Calibration  # the default score's: the negative ELBO, K = 1
+    calibrations: dict[ScoreName, Calibration] = Field(default_factory=dict)  # every other score, at its own K
     files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
 
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
+
+    def calibration_for(self, score: ScoreName) -> Calibration | None:
+        return self.calibration if score == "elbo" else self.calibrations.get(score)
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -18,6 +18,7 @@ from service import inference, schemas
 from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput
+from service.manifest import ScoreName
 
 Payload = dict[str, Any]
 Work = Callable[[Call, AppState], Awaitable[Payload]]
@@ -83,21 +84,30 @@ async def _interpolate(call: Call, state: AppState) -> Payload:
 async def _anomaly_score(call: Call, state: AppState) -> Payload:
     p = call.params
     s = call.settings
-    call.check_range("samples", p.samples, s.max_samples, "VAE_MAX_SAMPLES")
-    x = call.rows("inputs")
-    call.check_range("samples", len(x) * p.samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
-    result = await inference.anomaly_score(call.model, x=x, samples=p.samples, threshold=p.threshold)
     model = call.model
+    score: ScoreName = p.score or ("elbo" if p.samples in (None, 1) else "iwae")
+    calibration = model.manifest.calibration_for(score)
+    if calibration is None:
+        why = ("it is for Bernoulli image models" if score == "complexity" else "its export predates it; "
+               "export the model again")
+        raise InvalidInput(f"model {model.name} v{model.version} has no {score!r} score ({why}); it serves "
+                           f"{', '.join(['elbo', *model.manifest.calibrations])}", field="score")
+    samples = p.samples or calibration.samples
+    call.check_range("samples", samples, s.max_samples, "VAE_MAX_SAMPLES")
+    x = call.rows("inputs")
+    call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
+    result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
+                                           threshold=p.threshold)
     labels = (model.name, str(model.version))
     state.metrics.scored.labels(*labels).inc(len(x))
     state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))
-    score_hist, percentile_hist, drift_gauge = state.metrics.anomaly(model.name, model.version,
-                                                                     "elbo" if p.samples == 1 else "iwae")
-    for score, percentile in zip(result["score"].tolist(), result["percentile"].tolist(), strict=True):
-        score_hist.observe(score)
+    score_hist, percentile_hist, drift_gauge = state.metrics.anomaly(model.name, model.version, score)
+    for value, percentile in zip(result["score"].tolist(), result["percentile"].tolist(), strict=True):
+        score_hist.observe(value)
         percentile_hist.observe(percentile)
-    if model.drift is not None and p.samples == model.manifest.calibration.samples:
-        drift_gauge.set(model.drift.observe(result["score"]))
+    drift = model.drift.get(score)
+    if drift is not None and samples == calibration.samples:
+        drift_gauge.set(drift.observe(result["score"]))
     return result
 
 

@@ -42,7 +42,7 @@ class LoadedModel:
     encoder: Batcher  # x [N, D] (model space) -> mean, logvar
     decoder: Batcher  # z [N, L] -> x_mean [N, D] (model space)
     runtime_timings: dict[str, float] = field(default_factory=dict)
-    drift: ScoreDrift | None = None  # served scores against the calibration (the calibration's K only)
+    drift: dict[str, ScoreDrift] = field(default_factory=dict)  # per score, against its calibration (at its K)
 
     def __post_init__(self) -> None:
         self.shift, self.scale = self.manifest.preprocessing.arrays()
@@ -267,7 +267,8 @@ class Repository:
         return LoadedModel(manifest=manifest, folder=folder, runtime=runtime, device=self.device,
                            encoder=batcher(encoder_graph, "encoder"), decoder=batcher(decoder_graph, "decoder"),
                            runtime_timings={k: round(v * 1e6, 1) for k, v in timings.items()},
-                           drift=ScoreDrift(manifest.calibration, s.drift_window_rows))
+                           drift={score: ScoreDrift(cal, s.drift_window_rows) for score, cal in
+                                  {"elbo": manifest.calibration, **manifest.calibrations}.items()})
 
     def get(self, name: str | None, version: int | None) -> LoadedModel:
         name = name or self.settings.default_model

@@ -84,6 +84,8 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
         "calibration": {"score": cal.score, "samples": cal.samples, "n_rows": cal.n_rows,
                         "threshold": cal.threshold, "threshold_level": cal.threshold_level,
                         "levels": cal.levels, "values": cal.values},
+        "scores": {name: {"samples": c.samples, "threshold": c.threshold, "threshold_level": c.threshold_level}
+                   for name, c in {"elbo": cal, **m.calibrations}.items()},
         "metrics": m.metrics, "created_at": m.created_at.isoformat(), "training_command": m.training.get("command"),
     }
 

@@ -87,7 +87,12 @@ class InterpolateRequest(InterpolateParams):
 
 
 class AnomalyParams(Common):
-    samples: int = Field(1, ge=1, description="K: 1 = negative ELBO, >1 = importance-weighted -log p(x)")
+    score: Literal["elbo", "iwae", "complexity"] | None = Field(
+        None, description="elbo: negative ELBO (nats); iwae: importance-weighted -log p(x) (nats); complexity "
+                          "(Bernoulli image models): -log2 p minus the input's compressed length, bits, robust to "
+                          "simple out-of-distribution inputs. null: elbo, or iwae when samples > 1")
+    samples: int | None = Field(None, ge=1, description="K; null = the K the score was calibrated with "
+                                                        "(1 for elbo, 64 for iwae and complexity)")
     threshold: float | None = Field(None, allow_inf_nan=False, description="null = the model's calibrated one")
 
 
@@ -138,6 +143,7 @@ class AnomalyResponse(Header):
     is_anomaly: list[bool]
     threshold: float
     samples: int
+    score_name: str = Field(description="the score served: elbo, iwae or complexity")
 
 
 class ErrorDetail(BaseModel):
@@ -164,6 +170,7 @@ class ModelVersionInfo(BaseModel):
     device: str
     runtime_timings_us: dict[str, float]
     calibration: dict[str, object]
+    scores: dict[str, dict[str, float]] = Field(description="each servable score: its K and threshold")
     metrics: dict[str, float]
     created_at: str
     training_command: str | None

@@ -9,10 +9,12 @@ whatever else is in its request or batch.
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
 LOG_2PI = math.log(2.0 * math.pi)
+LN2 = math.log(2.0)
 PROB_EPS = 1e-7  # decoders export probabilities; clip so log(0) cannot occur
 
 
@@ -76,3 +78,40 @@ def scores(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
     top = log_w.max(axis=1, keepdims=True)
     log_mean_w = top[:, 0] + np.log(np.mean(np.exp(log_w - top), axis=1))
     return -log_mean_w, reconstruction, kl
+
+
+def binarize(x: np.ndarray) -> np.ndarray:
+    """Model-space pixels in [0, 1] -> {0, 1}: the discrete image the complexity score is about."""
+    return (x > 0.5).astype(np.float32)
+
+
+def compressed_bits(x: np.ndarray) -> np.ndarray:
+    """Lossless compressed length, bits, of each binarised row (bit-packed, zlib level 9)."""
+    packed = np.packbits(x > 0.5, axis=1)
+    return np.array([8 * len(zlib.compress(row.tobytes(), 9)) for row in packed], dtype=np.float64)
+
+
+def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
+                 output: np.ndarray, likelihood: str, decoder_logvar: float | list[float] | None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(score, reconstruction, kl) per row for a named score, higher = more anomalous.
+
+    elbo: the negative ELBO (reconstruction averaged over the K samples, plus KL), nats.
+    iwae: the importance-weighted -log p(x) over K samples, nats.
+    complexity: -log2 p(b) - L(b), bits, for the binarised image b (x must be binarised already):
+      the model's code length minus a generic compressor's (Serra et al. 2020), so inputs that are
+      merely simple (blank, constant) no longer look the most normal.
+    """
+    iw, reconstruction, kl = scores(x, mean, logvar, eps, output, likelihood, decoder_logvar)
+    if score == "elbo":
+        return reconstruction + kl, reconstruction, kl
+    if score == "iwae":
+        return iw, reconstruction, kl
+    if score == "complexity":
+        return iw / LN2 - compressed_bits(x), reconstruction, kl
+    raise ValueError(f"unknown score {score!r}")
+
+
+def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
+    """The complexity score is for Bernoulli image models (pixels in [0, 1], shape C x H x W)."""
+    return likelihood == "bernoulli" and len(input_shape) == 3

@@ -216,6 +216,7 @@ def _arrays(request: InferRequest, op: Operation) -> dict[str, Any]:
 
 
 def render(request: InferRequest, call: Call, payload: Payload) -> Response:
+    """Arrays become output tensors (those requested); scalars and names become response parameters."""
     outputs: list[dict[str, Any]] = []
     blobs: list[Any] = []
     parameters: dict[str, Any] = {}

@@ -99,3 +99,34 @@ def test_quick_benchmark_on_one_shared_table(tmp_path):
     assert s["iforest_auroc_mean"] == pytest.approx(0.98, abs=0.01)  # the baseline the README quotes
     assert s["vae_auroc_mean"] > 0.85 and s["runs"][0]["vae"]["rows"] == 1132
     assert "| 38_thyroid | 3772 x 6 |" in markdown(result)
+
+
+@pytest.mark.anyio
+async def test_every_score_is_served_as_calibrated_and_equals_the_offline_scorer(tiny_repo):
+    from tests.service_helpers import DEFAULT_MODEL
+
+    x, _ = labelled_digits(30)
+    scorer = ServedScorer.load(DEFAULT_MODEL)
+    async with serving(DEFAULT_MODEL.parents[1], reload_interval=0) as (_, client):
+        for score, k in (("elbo", 1), ("iwae", 64), ("complexity", 64)):
+            body = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": score})).json()
+            cal = scorer.calibration(score)  # type: ignore[arg-type]
+            assert body["score_name"] == score and body["samples"] == k == cal.samples
+            assert body["threshold"] == cal.threshold
+            np.testing.assert_allclose(body["score"], scorer(x, score=score), rtol=1e-6)  # type: ignore[arg-type]
+            np.testing.assert_allclose(body["percentile"], cal.percentile(np.asarray(body["score"])), rtol=1e-9)
+        legacy = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "samples": 8})).json()
+        assert legacy["score_name"] == "iwae" and legacy["samples"] == 8  # samples > 1 still means IWAE
+        r = await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "magic"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "score"
+    table = tiny_repo.parent / "table-repo"
+    rows = np.random.default_rng(0).normal(size=(200, 5))
+    np.save(tiny_repo.parent / "t.npy", rows)
+    assert train_main(["--dataset", "npy", "--data", str(tiny_repo.parent / "t.npy"), "--epochs", "2",
+                       "--output", str(table), "--name", "t", "--no-progress",
+                       "--checkpoint", str(tiny_repo.parent / "t.pt")]) == 0
+    async with serving(table, default_model="t", reload_interval=0) as (_, client):
+        r = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": "complexity"})
+        assert r.status_code == 422 and "Bernoulli image models" in r.json()["error"]["message"]
+        ok = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": "iwae"})
+        assert ok.status_code == 200

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import GRAPH_FILES, Manifest, read_manifest
+from service.manifest import GRAPH_FILES, Calibration, Manifest, ScoreName, read_manifest
 from service.runtime import Runtime, load_graph
-from service.scoring import common_noise, sample_latents, scores
+from service.scoring import binarize, common_noise, sample_latents, served_score
 from training.data import DataError, check_finite, read_csv_table
 
 MAX_DECODER_ROWS = 65_536  # rows x samples decoded at once
@@ -79,20 +79,29 @@ class ServedScorer:
         return cls(manifest, load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, threads=threads),
                    load_graph(model_dir / GRAPH_FILES["decoder", runtime], runtime, threads=threads))
 
-    def __call__(self, x: np.ndarray, samples: int | None = None) -> np.ndarray:
-        """Per-row scores (nats, higher = more anomalous) with the calibration's K and noise."""
+    def __call__(self, x: np.ndarray, samples: int | None = None, score: ScoreName = "elbo") -> np.ndarray:
+        """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise."""
         m = self.manifest
-        k = samples or m.calibration.samples
+        calibration = self.calibration(score)
+        k = samples or calibration.samples
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
+        if score == "complexity":
+            xm = binarize(xm)
         eps = common_noise(k, m.latent_dim, m.calibration.seed)
         out = []
         for start in range(0, len(xm), max(1, MAX_DECODER_ROWS // k)):
             xb = xm[start : start + max(1, MAX_DECODER_ROWS // k)]
             mean, logvar = self.encoder(xb)
             (decoded,) = self.decoder(sample_latents(mean, logvar, eps))
-            out.append(scores(xb, mean, logvar, eps, decoded, m.likelihood, m.decoder_logvar)[0])
+            out.append(served_score(score, xb, mean, logvar, eps, decoded, m.likelihood, m.decoder_logvar)[0])
         return np.concatenate(out)
+
+    def calibration(self, score: ScoreName) -> Calibration:
+        calibration = self.manifest.calibration_for(score)
+        if calibration is None:
+            raise DataError(f"model {self.manifest.name} v{self.manifest.version} has no {score!r} score")
+        return calibration
 
 
 def detection_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, float]:

@@ -36,7 +36,7 @@ from service.manifest import (
     sha256_of,
 )
 from service.runtime import load_graph
-from service.scoring import common_noise, sample_latents, scores
+from service.scoring import binarize, common_noise, sample_latents, served_score, supports_complexity
 from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
@@ -45,6 +45,8 @@ PARITY_BATCHES = (1, 64)
 CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 201)
 CALIBRATION_SEED = 0
 THRESHOLD_LEVEL = 0.99
+IWAE_SAMPLES = 64  # K for the importance-weighted and complexity scores, as calibrated and served by default
+CALIBRATION_CHUNK = 65_536  # rows x samples decoded at once
 ONNX_OPSET = 18
 
 
@@ -124,18 +126,33 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityChec
     return checks
 
 
-def calibrate(folder: Path, model: VAE, x_val: np.ndarray) -> Calibration:
-    """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs."""
+def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", samples: int = 1) -> Calibration:
+    """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
+    with the same fixed noise the service scores with."""
     encoder = load_graph(folder / ENCODER_ONNX, "onnx")
     decoder = load_graph(folder / DECODER_ONNX, "onnx")
-    eps = common_noise(1, model.cfg.latent_dim, CALIBRATION_SEED)
-    mean, logvar = encoder(x_val)
-    out = decoder(sample_latents(mean, logvar, eps))[0]
-    score, _, _ = scores(x_val, mean, logvar, eps, out, model.cfg.likelihood, decoder_logvar(model))
-    values = np.maximum.accumulate(np.quantile(score, CALIBRATION_LEVELS))
-    return Calibration(samples=1, seed=CALIBRATION_SEED, n_rows=len(score), levels=CALIBRATION_LEVELS.tolist(),
-                       values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
-                       threshold=float(np.quantile(score, THRESHOLD_LEVEL)))
+    eps = common_noise(samples, model.cfg.latent_dim, CALIBRATION_SEED)
+    x = binarize(x_val) if score == "complexity" else x_val
+    parts = []
+    for start in range(0, len(x), max(1, CALIBRATION_CHUNK // samples)):
+        xb = x[start : start + max(1, CALIBRATION_CHUNK // samples)]
+        mean, logvar = encoder(xb)
+        out = decoder(sample_latents(mean, logvar, eps))[0]
+        parts.append(served_score(score, xb, mean, logvar, eps, out, model.cfg.likelihood, decoder_logvar(model))[0])
+    values_all = np.concatenate(parts)
+    values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
+    return Calibration(score="negative_elbo" if score == "elbo" else score,  # type: ignore[arg-type]
+                       samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
+                       levels=CALIBRATION_LEVELS.tolist(), values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
+                       threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))
+
+
+def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray) -> tuple[Calibration, dict[str, Calibration]]:
+    """The default score's calibration, and every other score this model serves."""
+    others = {"iwae": calibrate(folder, model, x_val, "iwae", IWAE_SAMPLES)}
+    if supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape)):
+        others["complexity"] = calibrate(folder, model, x_val, "complexity", IWAE_SAMPLES)
+    return calibrate(folder, model, x_val), others
 
 
 def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
@@ -162,7 +179,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
         _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
         parity = check_parity(work, model, x_val)
-        calibration = calibrate(work, model, x_val)
+        calibration, calibrations = calibrate_all(work, model, x_val)
         files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
         for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
             f.chmod(0o644)
@@ -177,7 +194,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "decoder_logvar": decoder_logvar(model),
                 "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
                 "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
-                "calibration": calibration, "files": files,
+                "calibration": calibration, "calibrations": calibrations, "files": files,
             })
             (work / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
             if key is not None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from service.manifest import ScoreName
 from training.data import DataError, check_finite, read_csv_table
 
 
@@ -52,31 +53,32 @@ def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray
     return x.astype(np.float32), ids
 
 
-def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, samples: int | None,
-                 api_key: str | None, progress: bool) -> dict[str, np.ndarray]:
+def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: str,
+                 samples: int | None, api_key: str | None, progress: bool) -> dict[str, np.ndarray]:
     from vaeclient import Client
 
     with Client(url, model=model, version=version, api_key=api_key, retries=20) as client:
         limits = client.models()["limits"]
-        k = samples or 1
+        k = samples or (1 if score == "elbo" else 64)
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
         for start in tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress):
-            r = client.anomaly_score(x[start : start + chunk], samples=k)
+            r = client.anomaly_score(x[start : start + chunk], score=score, samples=samples)
             parts.append((r.score, r.percentile, r.is_anomaly))
     return {"score": np.concatenate([p[0] for p in parts]), "percentile": np.concatenate([p[1] for p in parts]),
             "is_anomaly": np.concatenate([p[2] for p in parts])}
 
 
-def score_local(x: np.ndarray, *, model_dir: Path, samples: int | None, progress: bool) -> dict[str, np.ndarray]:
+def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: int | None,
+                progress: bool) -> dict[str, np.ndarray]:
     from training.anomaly import ServedScorer
 
     scorer = ServedScorer.load(model_dir)
-    cal = scorer.manifest.calibration
+    cal = scorer.calibration(score)
     if x.shape[1] != scorer.manifest.input_dim:
         raise DataError(f"rows have {x.shape[1]} features; the model takes {scorer.manifest.input_dim}")
     chunk = 8192
-    scores = np.concatenate([scorer(x[s : s + chunk], samples) for s in
+    scores = np.concatenate([scorer(x[s : s + chunk], samples, score) for s in
                              tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress)])
     return {"score": scores, "percentile": cal.percentile(scores), "is_anomaly": scores > cal.threshold}
 
@@ -112,7 +114,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="with --url: model name [default: the server's default]")
     p.add_argument("--version", type=int, help="with --url: model version [default: latest]")
     p.add_argument("--api-key", help="with --url: an API key, when the server requires one")
-    p.add_argument("--samples", type=int, help="importance samples per row [default: the calibration's, 1]")
+    p.add_argument("--score", choices=("elbo", "iwae", "complexity"), default="elbo",
+                   help="which score (README: Anomaly detection)")
+    p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
     p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -126,10 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         x, ids = read_rows(args.input, args.id_column)
         if args.url:
-            result = score_remote(x, url=args.url, model=args.model, version=args.version, samples=args.samples,
-                                  api_key=args.api_key, progress=not args.no_progress)
+            result = score_remote(x, url=args.url, model=args.model, version=args.version, score=args.score,
+                                  samples=args.samples, api_key=args.api_key, progress=not args.no_progress)
         else:
-            result = score_local(x, model_dir=args.model_dir, samples=args.samples, progress=not args.no_progress)
+            result = score_local(x, model_dir=args.model_dir, score=args.score, samples=args.samples,
+                                 progress=not args.no_progress)
         write(args.output, result, ids, args.id_column)
     except Exception as e:  # noqa: BLE001 - a command line says what went wrong, without a traceback
         from vaeclient import APIError

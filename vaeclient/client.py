@@ -170,14 +170,16 @@ class _Operations:
         return self._execute(lambda lim: _chunked(ReconstructResult, "/reconstruct", rows, lim.max_rows, sample,
                                                   seed, sample=sample, **self._common(model, version)))
 
-    def anomaly_score(self, x: Any, *, samples: int = 1, threshold: float | None = None, model: str | None = None,
-                      version: int | None = None) -> Any:
-        """Rows -> AnomalyResult; chunks respect both VAE_MAX_ROWS and rows x samples <= VAE_MAX_DECODE_ROWS."""
+    def anomaly_score(self, x: Any, *, score: str | None = None, samples: int | None = None,
+                      threshold: float | None = None, model: str | None = None, version: int | None = None) -> Any:
+        """Rows -> AnomalyResult. score: elbo | iwae | complexity (None: the server's default); samples:
+        None = the K the score was calibrated with. Chunks keep rows x K within VAE_MAX_DECODE_ROWS."""
         rows = _rows(x, "x")
+        assumed_k = samples or (1 if score in (None, "elbo") else 64)  # the server's calibrated K by default
 
         def build(lim: Limits) -> _Plan:
-            size = max(1, min(lim.max_rows, lim.max_decode_rows // max(samples, 1)))
-            return _chunked(AnomalyResult, "/anomaly-score", rows, size, False, None, samples=samples,
+            size = max(1, min(lim.max_rows, lim.max_decode_rows // assumed_k))
+            return _chunked(AnomalyResult, "/anomaly-score", rows, size, False, None, score=score, samples=samples,
                             threshold=threshold, **self._common(model, version))
         return self._execute(build)
 

@@ -56,3 +56,4 @@ class AnomalyResult(Result):
     is_anomaly: np.ndarray  # bool [N]
     threshold: float
     samples: int
+    score_name: str  # elbo, iwae or complexity
