@@ -10,6 +10,8 @@ has moved). No HTTP here; the anomaly operation feeds it and the metrics show it
 from __future__ import annotations
 
 import collections
+import math
+import time
 
 import numpy as np
 
@@ -20,29 +22,42 @@ SHARE_FLOOR = 1e-4  # an empty bin counts as this share, so ln() stays finite
 
 
 class ScoreDrift:
-    def __init__(self, calibration: Calibration, window_rows: int):
+    """Bin counts of a sliding window of scored rows; PSI recomputed at most every `refresh_s` seconds,
+    since the request path feeds it on every /anomaly-score call."""
+
+    def __init__(self, calibration: Calibration, window_rows: int, refresh_s: float = 1.0):
         levels = np.arange(1, BINS) / BINS
         self.edges = np.interp(levels, calibration.levels, calibration.values)  # 9 inner decile edges
         self.window_rows = window_rows
-        self._parts: collections.deque[np.ndarray] = collections.deque()  # per request: counts per bin
+        self.refresh_s = refresh_s
+        self._parts: collections.deque[tuple[np.ndarray, int]] = collections.deque()  # per request: counts, rows
         self._totals = np.zeros(BINS, dtype=np.int64)
+        self._rows = 0
+        self._psi = 0.0
+        self._computed_at = -math.inf
 
     def observe(self, scores: np.ndarray) -> float:
-        """Add one request's scores; returns the PSI of the window as it is now."""
+        """Add one request's scores; returns the window's PSI (at most `refresh_s` old)."""
         counts = np.bincount(np.searchsorted(self.edges, scores, side="right"), minlength=BINS)
-        self._parts.append(counts)
+        self._parts.append((counts, len(scores)))
         self._totals += counts
-        while len(self._parts) > 1 and self._totals.sum() - self._parts[0].sum() >= self.window_rows:
-            self._totals -= self._parts.popleft()
-        return self.psi()
+        self._rows += len(scores)
+        while len(self._parts) > 1 and self._rows - self._parts[0][1] >= self.window_rows:
+            old, n = self._parts.popleft()
+            self._totals -= old
+            self._rows -= n
+        now = time.monotonic()
+        if now - self._computed_at >= self.refresh_s:
+            self._psi, self._computed_at = self.psi(), now
+        return self._psi
 
     @property
     def rows(self) -> int:
-        return int(self._totals.sum())
+        return self._rows
 
     def psi(self) -> float:
-        if not self.rows:
+        if not self._rows:
             return 0.0
-        actual = np.maximum(self._totals / self.rows, SHARE_FLOOR)
+        actual = np.maximum(self._totals / self._rows, SHARE_FLOOR)
         expected = 1.0 / BINS
         return float(np.sum((actual - expected) * np.log(actual / expected)))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -19,7 +21,7 @@ def calibration_of(scores: np.ndarray) -> Calibration:
 
 def test_psi_is_small_for_the_calibration_distribution_and_large_for_a_shift():
     rng = np.random.default_rng(0)
-    drift = ScoreDrift(calibration_of(rng.normal(20, 3, 50_000)), window_rows=5000)
+    drift = ScoreDrift(calibration_of(rng.normal(20, 3, 50_000)), window_rows=5000, refresh_s=0)
     for _ in range(10):
         same = drift.observe(rng.normal(20, 3, 500))
     assert same < 0.02 and drift.rows == 5000
@@ -30,7 +32,11 @@ def test_psi_is_small_for_the_calibration_distribution_and_large_for_a_shift():
     for _ in range(10):  # the window slides: back to the calibration's distribution, back to small
         recovered = drift.observe(rng.normal(20, 3, 500))
     assert recovered < 0.02
-    moderate = ScoreDrift(calibration_of(rng.normal(20, 3, 50_000)), window_rows=5000)
+    moderate = ScoreDrift(calibration_of(rng.normal(20, 3, 50_000)), window_rows=5000, refresh_s=0)
+    throttled = ScoreDrift(calibration_of(rng.normal(20, 3, 50_000)), window_rows=5000, refresh_s=3600)
+    assert throttled.observe(rng.normal(20, 3, 500)) < 0.05  # the first call computes
+    assert throttled.observe(np.full(5000, 100.0)) == throttled.observe(np.full(10, 100.0)) < 0.05  # cached
+    assert throttled.psi() > 1  # what a refresh would report
     assert 0.1 < moderate.observe(rng.normal(21.5, 3, 5000)) < 2.0  # half a sigma: a moderate shift
 
 
@@ -41,6 +47,7 @@ async def test_scores_percentiles_and_drift_reach_the_metrics():
         assert (await client.post("/anomaly-score", json={"inputs": digits_rows(5).tolist(),
                                                           "samples": 4})).status_code == 200
         calm = metric((await client.get("/metrics")).text, "vae_anomaly_score_psi", score="elbo")
+        await asyncio.sleep(1.05)  # the gauge refreshes at most once a second (the PSI is not per request)
         noise = np.full((60, 64), 16.0).tolist()
         assert (await client.post("/anomaly-score", json={"inputs": noise})).status_code == 200
         text = (await client.get("/metrics")).text
