@@ -9,6 +9,7 @@ has moved). No HTTP here; the anomaly operation feeds it and the metrics show it
 
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 import time
@@ -19,6 +20,7 @@ from service.manifest import Calibration
 
 BINS = 10
 SHARE_FLOOR = 1e-4  # an empty bin counts as this share, so ln() stays finite
+SMALL = 32  # rows per request below which bins are counted in Python
 
 
 class ScoreDrift:
@@ -28,23 +30,32 @@ class ScoreDrift:
     def __init__(self, calibration: Calibration, window_rows: int, refresh_s: float = 1.0):
         levels = np.arange(1, BINS) / BINS
         self.edges = np.interp(levels, calibration.levels, calibration.values)  # 9 inner decile edges
+        self._edge_list = self.edges.tolist()
         self.window_rows = window_rows
         self.refresh_s = refresh_s
-        self._parts: collections.deque[tuple[np.ndarray, int]] = collections.deque()  # per request: counts, rows
-        self._totals = np.zeros(BINS, dtype=np.int64)
+        self._parts: collections.deque[tuple[list[int], int]] = collections.deque()  # per request: counts, rows
+        self._totals = [0] * BINS
         self._rows = 0
         self._psi = 0.0
         self._computed_at = -math.inf
 
+    def _bin_counts(self, scores: np.ndarray) -> list[int]:
+        if len(scores) > SMALL:
+            return np.bincount(np.searchsorted(self.edges, scores, side="right"), minlength=BINS).tolist()
+        counts = [0] * BINS  # a few rows: bisect in Python beats numpy's per-call overhead on the event loop
+        for value in scores.tolist():
+            counts[bisect.bisect_right(self._edge_list, value)] += 1
+        return counts
+
     def observe(self, scores: np.ndarray) -> float:
         """Add one request's scores; returns the window's PSI (at most `refresh_s` old)."""
-        counts = np.bincount(np.searchsorted(self.edges, scores, side="right"), minlength=BINS)
+        counts = self._bin_counts(scores)
         self._parts.append((counts, len(scores)))
-        self._totals += counts
+        self._totals = [t + c for t, c in zip(self._totals, counts, strict=True)]
         self._rows += len(scores)
         while len(self._parts) > 1 and self._rows - self._parts[0][1] >= self.window_rows:
             old, n = self._parts.popleft()
-            self._totals -= old
+            self._totals = [t - c for t, c in zip(self._totals, old, strict=True)]
             self._rows -= n
         now = time.monotonic()
         if now - self._computed_at >= self.refresh_s:
@@ -58,6 +69,6 @@ class ScoreDrift:
     def psi(self) -> float:
         if not self._rows:
             return 0.0
-        actual = np.maximum(self._totals / self._rows, SHARE_FLOOR)
+        actual = np.maximum(np.asarray(self._totals) / self._rows, SHARE_FLOOR)
         expected = 1.0 / BINS
         return float(np.sum((actual - expected) * np.log(actual / expected)))
