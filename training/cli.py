@@ -23,8 +23,10 @@ IMAGE_DATASETS = ("digits", "mnist")
 # `vae-train benchmark-anomaly` on the ADBench sets (README: the ablation): training data for anomaly
 # detection holds anomalies, so fewer epochs and a trimmed loss keep the model from learning them,
 # and a variance per feature scores each feature on its own scale.
-IMAGE_DEFAULTS = {"epochs": 30, "trim": 0.0, "per_feature_logvar": False}
-TABLE_DEFAULTS = {"epochs": 20, "trim": 0.05, "per_feature_logvar": True}
+IMAGE_DEFAULTS: dict[str, Any] = {"epochs": 30, "trim": 0.0, "per_feature_logvar": False, "hidden": (128,),
+                                  "latent_dim": 8}
+TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.05, "per_feature_logvar": True, "hidden": (128, 64),
+                                  "latent_dim": 16}
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -65,9 +67,10 @@ def train_parser() -> argparse.ArgumentParser:
                    help="share of rows held out for validation (digits, csv, npy; MNIST uses its test set)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=("mlp", "conv"), default="mlp")
-    m.add_argument("--latent-dim", type=_positive(int), default=8)
-    m.add_argument("--hidden", type=_hidden, default=(128,),
-                   help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64)")
+    m.add_argument("--latent-dim", type=_positive(int), help="[default: 8 for images, 16 for csv/npy]")
+    m.add_argument("--hidden", type=_hidden,
+                   help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64) "
+                        "[default: 128 for images, 128,64 for csv/npy]")
     m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
                    help="decoder likelihood [default: bernoulli for images, gaussian for tables]")
     m.add_argument("--per-feature-variance", dest="per_feature_logvar", action=argparse.BooleanOptionalAction,
@@ -176,6 +179,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     if args.arch == "conv" and len(data.input_shape) != 3:
         raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
     defaults = IMAGE_DEFAULTS if args.dataset in IMAGE_DATASETS else TABLE_DEFAULTS
+    args.hidden = args.hidden or defaults["hidden"]
+    args.latent_dim = args.latent_dim or defaults["latent_dim"]
     per_feature = defaults["per_feature_logvar"] if args.per_feature_logvar is None else args.per_feature_logvar
     model_cfg = ModelConfig(
         input_shape=input_shape, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
