@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -115,3 +116,23 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
 def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
     """The complexity score is for Bernoulli image models (pixels in [0, 1], shape C x H x W)."""
     return likelihood == "bernoulli" and len(input_shape) == 3
+
+
+def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
+                      decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, score: str,
+                      samples: int, seed: int, latent_dim: int, likelihood: str,
+                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536) -> np.ndarray:
+    """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
+    fixed noise of `seed`, `chunk_rows` rows x samples at a time: what the service serves, for callers
+    that hold the graphs themselves (export's calibration, offline evaluation and vae-score)."""
+    eps = common_noise(samples, latent_dim, seed)
+    if score == "complexity":
+        x = binarize(x)
+    step = max(1, chunk_rows // samples)
+    parts = []
+    for start in range(0, len(x), step):
+        xb = x[start : start + step]
+        mean, logvar = encoder(xb)
+        (decoded,) = decoder(sample_latents(mean, logvar, eps))
+        parts.append(served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar)[0])
+    return np.concatenate(parts)

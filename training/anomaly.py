@@ -18,10 +18,8 @@ import numpy as np
 
 from service.manifest import GRAPH_FILES, Calibration, Manifest, ScoreName, read_manifest
 from service.runtime import Runtime, load_graph
-from service.scoring import binarize, common_noise, sample_latents, served_score
+from service.scoring import score_with_graphs
 from training.data import DataError, check_finite, read_csv_table
-
-MAX_DECODER_ROWS = 65_536  # rows x samples decoded at once
 
 
 def read_labelled(path: Path, *, label_column: str | None = None, labels: Path | None = None
@@ -83,19 +81,11 @@ class ServedScorer:
         """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise."""
         m = self.manifest
         calibration = self.calibration(score)
-        k = samples or calibration.samples
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
-        if score == "complexity":
-            xm = binarize(xm)
-        eps = common_noise(k, m.latent_dim, m.calibration.seed)
-        out = []
-        for start in range(0, len(xm), max(1, MAX_DECODER_ROWS // k)):
-            xb = xm[start : start + max(1, MAX_DECODER_ROWS // k)]
-            mean, logvar = self.encoder(xb)
-            (decoded,) = self.decoder(sample_latents(mean, logvar, eps))
-            out.append(served_score(score, xb, mean, logvar, eps, decoded, m.likelihood, m.decoder_logvar)[0])
-        return np.concatenate(out)
+        return score_with_graphs(self.encoder, self.decoder, xm, score=score, samples=samples or calibration.samples,
+                                 seed=calibration.seed, latent_dim=m.latent_dim, likelihood=m.likelihood,
+                                 decoder_logvar=m.decoder_logvar)
 
     def calibration(self, score: ScoreName) -> Calibration:
         calibration = self.manifest.calibration_for(score)

@@ -36,7 +36,7 @@ from service.manifest import (
     sha256_of,
 )
 from service.runtime import load_graph
-from service.scoring import binarize, common_noise, sample_latents, served_score, supports_complexity
+from service.scoring import score_with_graphs, supports_complexity
 from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
@@ -46,7 +46,6 @@ CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 201)
 CALIBRATION_SEED = 0
 THRESHOLD_LEVEL = 0.99
 IWAE_SAMPLES = 64  # K for the importance-weighted and complexity scores, as calibrated and served by default
-CALIBRATION_CHUNK = 65_536  # rows x samples decoded at once
 ONNX_OPSET = 18
 
 
@@ -129,17 +128,10 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityChec
 def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", samples: int = 1) -> Calibration:
     """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
     with the same fixed noise the service scores with."""
-    encoder = load_graph(folder / ENCODER_ONNX, "onnx")
-    decoder = load_graph(folder / DECODER_ONNX, "onnx")
-    eps = common_noise(samples, model.cfg.latent_dim, CALIBRATION_SEED)
-    x = binarize(x_val) if score == "complexity" else x_val
-    parts = []
-    for start in range(0, len(x), max(1, CALIBRATION_CHUNK // samples)):
-        xb = x[start : start + max(1, CALIBRATION_CHUNK // samples)]
-        mean, logvar = encoder(xb)
-        out = decoder(sample_latents(mean, logvar, eps))[0]
-        parts.append(served_score(score, xb, mean, logvar, eps, out, model.cfg.likelihood, decoder_logvar(model))[0])
-    values_all = np.concatenate(parts)
+    values_all = score_with_graphs(load_graph(folder / ENCODER_ONNX, "onnx"), load_graph(folder / DECODER_ONNX, "onnx"),
+                                   x_val, score=score, samples=samples, seed=CALIBRATION_SEED,
+                                   latent_dim=model.cfg.latent_dim, likelihood=model.cfg.likelihood,
+                                   decoder_logvar=decoder_logvar(model))
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
     return Calibration(score="negative_elbo" if score == "elbo" else score,  # type: ignore[arg-type]
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
