@@ -25,6 +25,36 @@ class Call:
     maybe_bools: bool
     npz: bool = False  # answer .npz rather than JSON (native protocol)
 
+    def labels(self, n: int) -> np.ndarray | None:
+        """Class indices [n] from `label` (one for all rows, or one per row) or `labels` (one per row);
+        None for an unconditional model. A 422 names whatever does not fit the model."""
+        label = getattr(self.params, "label", None)
+        per_row = getattr(self.params, "labels", None)
+        field = "labels" if per_row is not None else "label"
+        given = per_row if per_row is not None else label
+        model = self.model
+        if label is not None and per_row is not None:
+            raise InvalidInput("give label (one for all rows) or labels (one per row), not both", field="labels")
+        if not model.classes:
+            if given is not None:
+                raise InvalidInput(f"model {model.name} v{model.version} is not conditional; it takes no {field}",
+                                   field=field)
+            return None
+        if given is None:
+            raise InvalidInput(f"model {model.name} v{model.version} is conditional: give label (one of "
+                               f"{_listing(model.classes)}) for every row, or labels, one per row", field="label")
+        if isinstance(given, list) and len(given) != n:
+            raise InvalidInput(f"{field} has {len(given)} entries for {n} rows; give one per row "
+                               "(or one label for every row)", field=field)
+        index = model.class_index
+        names = [str(v) for v in (given if isinstance(given, list) else [given])]
+        unknown = [v for v in names if v not in index]
+        if unknown:
+            raise InvalidInput(f"unknown label {unknown[0]!r} for model {model.name} v{model.version}; its classes "
+                               f"are {_listing(model.classes)}", field=field)
+        codes = np.fromiter((index[v] for v in names), dtype=np.int64, count=len(names))
+        return codes if len(codes) == n else np.full(n, codes[0], dtype=np.int64)
+
     def rows(self, field: str) -> np.ndarray:
         """Input rows in data space, float32 [N, D]."""
         value = self.npy if self.npy is not None else self.arrays.get(field)
@@ -48,3 +78,8 @@ class Call:
     def check_range(self, field: str, value: int, limit: int, setting: str) -> None:
         if value > limit:
             raise InvalidInput(f"{field} is {value}; the limit is {limit} ({setting})", field=field)
+
+
+def _listing(classes: list[str], limit: int = 20) -> str:
+    shown = ", ".join(repr(c) for c in classes[:limit])
+    return shown + (f", ... ({len(classes)} in all)" if len(classes) > limit else "")

@@ -14,7 +14,7 @@ import numpy as np
 
 from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
-from service.scoring import binarize, sample_latents, served_score
+from service.scoring import binarize, sample_latents, served_score, with_label
 
 Payload = dict[str, Any]
 
@@ -27,9 +27,9 @@ def _header(model: LoadedModel) -> Payload:
     return {"model": model.name, "version": model.version}
 
 
-async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None
+async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
-    mean, logvar = await model.encoder(model.to_model_space(x))
+    mean, logvar = await model.encoder(with_label(model.to_model_space(x), model.one_hot(labels)))
     if not sample:
         return mean, logvar, mean, None
     used = _seed(seed)
@@ -37,29 +37,36 @@ async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | N
     return mean, logvar, mean + np.exp(0.5 * logvar) * eps, used
 
 
-async def _decode(model: LoadedModel, z: np.ndarray) -> np.ndarray:
-    (out,) = await model.decoder(z)
+async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    (out,) = await model.decoder(with_label(z, model.one_hot(labels)))
     return model.to_data_space(out)
 
 
-async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None) -> Payload:
-    mean, logvar, z, used = await _encode(model, x, sample, seed)
+async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
+                 labels: np.ndarray | None = None) -> Payload:
+    mean, logvar, z, used = await _encode(model, x, sample, seed, labels)
     return {**_header(model), "mean": mean, "logvar": logvar, "z": z, "seed": used}
 
 
-async def decode(model: LoadedModel, *, z: np.ndarray) -> Payload:
-    return {**_header(model), "outputs": await _decode(model, z)}
+async def decode(model: LoadedModel, *, z: np.ndarray, labels: np.ndarray | None = None) -> Payload:
+    return {**_header(model), "outputs": await _decode(model, z, labels)}
 
 
-async def reconstruct(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None) -> Payload:
-    _, _, z, used = await _encode(model, x, sample, seed)
-    return {**_header(model), "outputs": await _decode(model, z), "latents": z, "seed": used}
+async def reconstruct(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
+                      labels: np.ndarray | None = None) -> Payload:
+    _, _, z, used = await _encode(model, x, sample, seed, labels)
+    return {**_header(model), "outputs": await _decode(model, z, labels), "latents": z, "seed": used}
 
 
-async def sample(model: LoadedModel, *, n: int, seed: int | None, temperature: float) -> Payload:
+async def sample(model: LoadedModel, *, n: int, seed: int | None, temperature: float,
+                 labels: np.ndarray | None = None) -> Payload:
+    """The same seed gives the same latents whatever the labels: a label changes only what is drawn."""
     used = _seed(seed)
     z = temperature * np.random.default_rng(used).standard_normal((n, model.latent_dim), dtype=np.float32)
-    return {**_header(model), "outputs": await _decode(model, z), "latents": z, "seed": used}
+    payload = {**_header(model), "outputs": await _decode(model, z, labels), "latents": z, "seed": used}
+    if labels is not None:
+        payload["labels"] = [model.classes[i] for i in labels.tolist()]
+    return payload
 
 
 def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -81,28 +88,33 @@ def lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.ndarray | None,
                       start_latent: np.ndarray | None, end_latent: np.ndarray | None, steps: int,
-                      method: str) -> Payload:
-    """Endpoints given in data space are encoded to their means; latents are used as given."""
+                      method: str, label: int | None = None) -> Payload:
+    """Endpoints given in data space are encoded to their means; latents are used as given.
+    A conditional model's path keeps one class (`label`, an index) from end to end."""
+    labels = None if label is None else np.full(steps, label, dtype=np.int64)
     if start is not None and end is not None:
-        mean, _ = await model.encoder(model.to_model_space(np.concatenate([start, end])))
+        ends = model.to_model_space(np.concatenate([start, end]))
+        mean, _ = await model.encoder(with_label(ends, None if labels is None else model.one_hot(labels[:2])))
         a, b = mean[0], mean[1]
     else:
         assert start_latent is not None and end_latent is not None
         a, b = start_latent[0], end_latent[0]
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
     z = slerp(a, b, t) if method == "slerp" else lerp(a, b, t)
-    return {**_header(model), "t": t, "latents": z, "outputs": await _decode(model, z)}
+    return {**_header(model), "t": t, "latents": z, "outputs": await _decode(model, z, labels)}
 
 
 async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,
-                        calibration: Calibration, threshold: float | None) -> Payload:
-    """Per-row scores, higher = more anomalous, placed among the calibration rows of that score."""
+                        calibration: Calibration, threshold: float | None, labels: np.ndarray | None = None
+                        ) -> Payload:
+    """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
+    (a conditional model scores -log p(x | label))."""
     xm = model.to_model_space(x)
     if score == "complexity":
         xm = binarize(xm)
-    mean, logvar = await model.encoder(xm)
+    mean, logvar = await model.encoder(with_label(xm, model.one_hot(labels)))
     eps = model.noise(samples)
-    (out,) = await model.decoder(sample_latents(mean, logvar, eps))
+    (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), model.one_hot(labels, samples)))
     m = model.manifest
     values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar)
     used = calibration.threshold if threshold is None else threshold

@@ -114,6 +114,7 @@ class Manifest(Strict):
     decoder_logvar: Finite | list[Finite] | None = None  # Gaussian: shared, or one per feature
     preprocessing: Preprocessing
     feature_names: list[str] | None = None
+    classes: list[Annotated[str, Field(min_length=1)]] | None = None  # a conditional model's labels, in one-hot order
     architecture: dict[str, Any]
     training: dict[str, Any]
     metrics: dict[str, Finite]
@@ -125,6 +126,11 @@ class Manifest(Strict):
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def num_classes(self) -> int:
+        """Width of the one-hot label the graphs take after their rows ([x | y], [z | y]); 0 if unconditional."""
+        return len(self.classes or ())
 
     def calibration_for(self, score: ScoreName) -> Calibration | None:
         return self.calibration if score == "elbo" else self.calibrations.get(score)
@@ -139,6 +145,8 @@ class Manifest(Strict):
                 raise ValueError(f"preprocessing.{field_name} has {n} entries; expected 1 or {self.input_dim}")
         if self.feature_names is not None and len(self.feature_names) != self.input_dim:
             raise ValueError(f"feature_names has {len(self.feature_names)} names for {self.input_dim} features")
+        if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"classes must name at least 2 distinct labels, got {self.classes[:10]}")
         if self.likelihood == "gaussian" and self.decoder_logvar is None:
             raise ValueError("a gaussian model needs decoder_logvar")
         if isinstance(self.decoder_logvar, list) and len(self.decoder_logvar) != self.input_dim:

@@ -32,16 +32,20 @@ class Operation:
 
 
 async def _encode(call: Call, state: AppState) -> Payload:
-    return await inference.encode(call.model, x=call.rows("inputs"), sample=call.params.sample, seed=call.params.seed)
+    x = call.rows("inputs")
+    return await inference.encode(call.model, x=x, sample=call.params.sample, seed=call.params.seed,
+                                  labels=call.labels(len(x)))
 
 
 async def _decode(call: Call, state: AppState) -> Payload:
-    return await inference.decode(call.model, z=call.latents("latents"))
+    z = call.latents("latents")
+    return await inference.decode(call.model, z=z, labels=call.labels(len(z)))
 
 
 async def _reconstruct(call: Call, state: AppState) -> Payload:
-    return await inference.reconstruct(call.model, x=call.rows("inputs"), sample=call.params.sample,
-                                       seed=call.params.seed)
+    x = call.rows("inputs")
+    return await inference.reconstruct(call.model, x=x, sample=call.params.sample, seed=call.params.seed,
+                                       labels=call.labels(len(x)))
 
 
 async def _sample(call: Call, state: AppState) -> Payload:
@@ -50,7 +54,8 @@ async def _sample(call: Call, state: AppState) -> Payload:
         raise InvalidInput("/sample takes no array: send its fields as JSON, or as query parameters with no "
                            "body (Accept: application/x-npz still answers .npz)")
     call.check_range("n", p.n, call.settings.max_rows, "VAE_MAX_ROWS")
-    return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature)
+    return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature,
+                                  labels=call.labels(p.n))
 
 
 def _interpolation_ends(call: Call) -> dict[str, np.ndarray | None]:
@@ -78,7 +83,9 @@ async def _interpolate(call: Call, state: AppState) -> Payload:
     p = call.params
     call.check_range("steps", p.steps, call.settings.max_steps, "VAE_MAX_STEPS")
     ends = _interpolation_ends(call)
-    return await inference.interpolate(call.model, steps=p.steps, method=p.method, **ends)
+    labels = call.labels(1)
+    return await inference.interpolate(call.model, steps=p.steps, method=p.method, **ends,
+                                       label=None if labels is None else int(labels[0]))
 
 
 async def _anomaly_score(call: Call, state: AppState) -> Payload:
@@ -97,7 +104,7 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     x = call.rows("inputs")
     call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
-                                           threshold=p.threshold)
+                                           threshold=p.threshold, labels=call.labels(len(x)))
     labels = (model.name, str(model.version))
     state.metrics.scored.labels(*labels).inc(len(x))
     state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))

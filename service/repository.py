@@ -26,7 +26,7 @@ from service.errors import ModelNotFound
 from service.manifest import GRAPH_FILES, MANIFEST_FILE, Manifest, ManifestError, read_manifest
 from service.metrics import Metrics
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
-from service.scoring import common_noise
+from service.scoring import common_noise, one_hot
 from service.settings import Settings
 from service.signing import load_public_keys, verify_folder
 
@@ -49,6 +49,7 @@ class LoadedModel:
         self.inv_scale = (1.0 / self.scale).astype(np.float32)
         self.identity = bool(np.all(self.shift == 0) and np.all(self.scale == 1))
         self.input_shape = tuple(self.manifest.input_shape)
+        self._class_index = {name: i for i, name in enumerate(self.manifest.classes or ())}
 
     @property
     def name(self) -> str:
@@ -76,6 +77,20 @@ class LoadedModel:
         out = y * self.scale
         out += self.shift
         return out
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest.classes or []
+
+    @property
+    def class_index(self) -> dict[str, int]:
+        return self._class_index
+
+    def one_hot(self, labels: np.ndarray | None, repeat: int = 1) -> np.ndarray | None:
+        """Class indices [N] -> the one-hot rows [N * repeat, C] the graphs take after x or z."""
+        if labels is None:
+            return None
+        return one_hot(labels, self.manifest.num_classes, repeat)
 
     def noise(self, samples: int) -> np.ndarray:
         """The fixed scoring noise for K samples (the calibration's seed): same row, same score."""
@@ -112,8 +127,9 @@ def _time_graph(graph: Graph, width: int) -> float:
 
 
 def _check_graphs(manifest: Manifest, encoder: Graph, decoder: Graph) -> None:
-    mean, logvar = encoder(np.zeros((2, manifest.input_dim), dtype=np.float32))
-    (out,) = decoder(np.zeros((2, manifest.latent_dim), dtype=np.float32))
+    c = manifest.num_classes
+    mean, logvar = encoder(np.zeros((2, manifest.input_dim + c), dtype=np.float32))
+    (out,) = decoder(np.zeros((2, manifest.latent_dim + c), dtype=np.float32))
     if mean.shape != (2, manifest.latent_dim) or logvar.shape != mean.shape or out.shape != (2, manifest.input_dim):
         raise ManifestError(f"graphs return shapes {mean.shape}, {logvar.shape}, {out.shape}; the manifest says "
                             f"latent {manifest.latent_dim}, input {manifest.input_dim}")
@@ -254,7 +270,8 @@ class Repository:
                 errors.append(f"{runtime}: {e}")
         if not loaded:
             raise ManifestError("no runtime could load the graphs: " + "; ".join(errors))
-        timings = {r: _time_graph(g[0], manifest.input_dim) for r, g in loaded.items()} if len(loaded) > 1 else {}
+        width = manifest.input_dim + manifest.num_classes
+        timings = {r: _time_graph(g[0], width) for r, g in loaded.items()} if len(loaded) > 1 else {}
         runtime = min(timings, key=lambda r: timings[r]) if timings else next(iter(loaded))
         encoder_graph, decoder_graph = loaded[runtime]
 

@@ -79,7 +79,7 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     return {
         "name": m.name, "version": m.version, "versions": versions, "input_shape": m.input_shape,
         "input_dim": m.input_dim, "latent_dim": m.latent_dim, "likelihood": m.likelihood,
-        "feature_names": m.feature_names, "runtime": model.runtime, "device": model.device,
+        "feature_names": m.feature_names, "classes": m.classes, "runtime": model.runtime, "device": model.device,
         "runtime_timings_us": model.runtime_timings,
         "calibration": {"score": cal.score, "samples": cal.samples, "n_rows": cal.n_rows,
                         "threshold": cal.threshold, "threshold_level": cal.threshold_level,

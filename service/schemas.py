@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from service.manifest import NAME_PATTERN
 
@@ -17,6 +17,11 @@ ARRAY_FIELDS = ("inputs", "latents", "start", "end", "start_latent", "end_latent
 Row = Annotated[list[float], Field(min_length=1)]
 Rows = Annotated[list[Row], Field(min_length=1)]
 Seed = Annotated[int | None, Field(None, ge=0, lt=2**63, description="seeds this request's noise; null = random")]
+Label = str | int
+LABEL_DOC = ("conditional models: the class, as GET /models/{name} lists them; one for every row, or a list with one "
+             "per row. Required by a conditional model, refused by an unconditional one")
+LABELS_DOC = ("conditional models: one class per row (or `label`: one class for every row); in a query string, "
+              "comma-separated: labels=3,7,1")
 
 _DIGIT_ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8,
               0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0,
@@ -34,6 +39,19 @@ class Common(BaseModel):
 
     model: str | None = Field(None, pattern=NAME_PATTERN, description="model name; null = VAE_DEFAULT_MODEL")
     version: int | None = Field(None, ge=1, description="model version; null = the latest")
+    label: Label | Annotated[list[Label], Field(min_length=1)] | None = Field(None, description=LABEL_DOC)
+    labels: Annotated[list[Label], Field(min_length=1)] | None = Field(None, description=LABELS_DOC)
+
+    @field_validator("label", "labels", mode="before")
+    @classmethod
+    def _class_names(cls, value: Any) -> Any:
+        """One clear message for a label of the wrong type, instead of one per member of the union."""
+        def ok(v: Any) -> bool:
+            return isinstance(v, str | int) and not isinstance(v, bool)
+        if value is None or ok(value) or (isinstance(value, list) and value and all(ok(v) for v in value)):
+            return value
+        raise ValueError(f"a label is a class name (a string or an integer), or a non-empty list of them; "
+                         f"got {value!r:.80}")
 
 
 class EncodeParams(Common):
@@ -72,6 +90,8 @@ class SampleParams(Common):
 
 
 class InterpolateParams(Common):
+    label: Label | None = Field(None, description="conditional models: the class of the whole path")
+    labels: None = Field(None, description="not taken: a path has one class, `label`")
     steps: int = Field(8, ge=2, description="points including both ends (at most VAE_MAX_STEPS)")
     method: Literal["linear", "slerp"] = "linear"
     latent: bool = Field(False, description=".npy bodies only: the two rows are latents, not inputs")
@@ -127,6 +147,7 @@ class SampleResponse(Header):
     outputs: Rows
     latents: Rows
     seed: int
+    labels: list[str] | None = Field(None, description="conditional models: each row's class")
 
 
 class InterpolateResponse(Header):
@@ -166,6 +187,7 @@ class ModelVersionInfo(BaseModel):
     latent_dim: int
     likelihood: str
     feature_names: list[str] | None
+    classes: list[str] | None = Field(description="a conditional model's labels (requests name one of these)")
     runtime: str
     device: str
     runtime_timings_us: dict[str, float]

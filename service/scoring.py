@@ -24,6 +24,21 @@ def common_noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((samples, latent_dim)).astype(np.float32)
 
 
+def one_hot(labels: np.ndarray, num_classes: int, repeat: int = 1) -> np.ndarray:
+    """Class indices [N] -> float32 one-hot [N * repeat, C], each row repeated `repeat` times in place
+    (as `sample_latents` lays out K samples per row)."""
+    out = np.zeros((len(labels) * repeat, num_classes), dtype=np.float32)
+    out[np.arange(len(out)), np.repeat(labels, repeat)] = 1.0
+    return out
+
+
+def with_label(rows: np.ndarray, onehot: np.ndarray | None) -> np.ndarray:
+    """A conditional model's graph input [rows | one-hot label]; the rows as they are otherwise."""
+    if onehot is None:
+        return rows
+    return np.concatenate([rows, onehot], axis=1)
+
+
 def _per_row(eps: np.ndarray) -> np.ndarray:
     """Noise is [K, L] (shared by every row) or [N, K, L] (one draw per row)."""
     return eps[None] if eps.ndim == 2 else eps
@@ -121,10 +136,12 @@ def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
 def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
                       decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, score: str,
                       samples: int, seed: int, latent_dim: int, likelihood: str,
-                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536) -> np.ndarray:
+                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536,
+                      labels: np.ndarray | None = None, num_classes: int = 0) -> np.ndarray:
     """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
     fixed noise of `seed`, `chunk_rows` rows x samples at a time: what the service serves, for callers
-    that hold the graphs themselves (export's calibration, offline evaluation and vae-score)."""
+    that hold the graphs themselves (export's calibration, offline evaluation and vae-score).
+    `labels`: class indices [N] for a conditional model."""
     eps = common_noise(samples, latent_dim, seed)
     if score == "complexity":
         x = binarize(x)
@@ -132,7 +149,9 @@ def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
     parts = []
     for start in range(0, len(x), step):
         xb = x[start : start + step]
-        mean, logvar = encoder(xb)
-        (decoded,) = decoder(sample_latents(mean, logvar, eps))
+        yb = None if labels is None else labels[start : start + step]
+        mean, logvar = encoder(with_label(xb, None if yb is None else one_hot(yb, num_classes)))
+        z = sample_latents(mean, logvar, eps)
+        (decoded,) = decoder(with_label(z, None if yb is None else one_hot(yb, num_classes, samples)))
         parts.append(served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar)[0])
     return np.concatenate(parts)

@@ -5,8 +5,9 @@ An adapter at the edge: every model version offers one v2 model per operation, n
 same `Call` and run by the same `Operation` as the native endpoints, through the same batchers (a v2
 and a native request can share a batch). Tensors come as JSON `data` or, with the binary tensor data
 extension, as raw little-endian bytes after a JSON header of `Inference-Header-Content-Length` bytes.
-Request `parameters` are the native endpoint's fields (`seed`, `samples`, `n`, ...); scalar results
-(`seed`, `threshold`) come back as response `parameters`. Errors answer `{"error": "..."}`.
+Request `parameters` are the native endpoint's fields (`seed`, `samples`, `n`, `label`, ...; per-row
+`labels` comma-separated, as parameters are scalars); scalar results (`seed`, `threshold`) and the
+labels of samples come back as response `parameters`. Errors answer `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def metadata(model: LoadedModel, op: Operation, versions: list[int]) -> dict[str
                for name, (kind, datatype) in OUTPUTS[op.name].items()]
     return {"name": f"{model.name}.{op.name}", "versions": [str(v) for v in versions], "platform": "vaeserve",
             "inputs": inputs, "outputs": outputs,
-            "parameters": {"operation": op.name, "input_shape": model.manifest.input_shape}}
+            "parameters": {"operation": op.name, "input_shape": model.manifest.input_shape,
+                           "classes": model.manifest.classes}}
 
 
 def _dict(value: Any, where: str) -> dict[str, Any]:
@@ -161,6 +163,8 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     request.binary_output = bool(params.get("binary_data_output", False))
     for key in PROTOCOL_PARAMETERS & params.keys():
         del params[key]
+    if isinstance(params.get("labels"), str):
+        params["labels"] = params["labels"].split(",")
     for key in ("model", "version"):
         if key in params:
             raise InvalidInput(f"parameters.{key}: the model and version come from the path", field=f"parameters.{key}")

@@ -62,7 +62,13 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataset", choices=DATASETS, default="digits",
                    help="digits: scikit-learn's embedded 8x8 digits; mnist: IDX files or .npz; csv/npy: your table")
     d.add_argument("--data", metavar="PATH", help="file or folder for mnist, csv and npy")
-    d.add_argument("--label-column", help="CSV column kept out of the features (used only for evaluation)")
+    d.add_argument("--label-column", help="CSV column kept out of the features (the labels of --conditional)")
+    d.add_argument("--labels", metavar="FILE", help="labels for an .npy table: .npy, or text with one per line")
+    d.add_argument("--conditional", action="store_true",
+                   help="a conditional VAE: encoder and decoder see the label (digits and mnist use their own "
+                        "labels; csv/npy take --label-column / --labels); the service then takes `label`")
+    d.add_argument("--binarize", choices=("none", "dynamic"), default="none",
+                   help="dynamic: train on x ~ Bernoulli(grey level), drawn anew every epoch (Bernoulli images)")
     d.add_argument("--val-fraction", type=float, default=0.15,
                    help="share of rows held out for validation (digits, csv, npy; MNIST uses its test set)")
     m = p.add_argument_group("model")
@@ -71,6 +77,8 @@ def train_parser() -> argparse.ArgumentParser:
     m.add_argument("--hidden", type=_hidden,
                    help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64) "
                         "[default: 128 for images, 128,64 for csv/npy]")
+    m.add_argument("--dense", type=int, default=0, metavar="WIDTH",
+                   help="conv: a fully connected layer of this width between the convolutions and the latent")
     m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
                    help="decoder likelihood [default: bernoulli for images, gaussian for tables]")
     m.add_argument("--per-feature-variance", dest="per_feature_logvar", action=argparse.BooleanOptionalAction,
@@ -85,6 +93,8 @@ def train_parser() -> argparse.ArgumentParser:
                         "holds anomalies [default: 0 for images, 0.05 for csv/npy]")
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay the learning rate to lr/100 by the last epoch")
     t.add_argument("--beta", type=float, default=1.0, help="weight of the KL term")
     t.add_argument("--warmup-epochs", type=int, default=0, help="anneal beta from 0 over this many epochs")
     t.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the noise")
@@ -174,7 +184,13 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     likelihood = args.likelihood or ("bernoulli" if args.dataset in IMAGE_DATASETS else "gaussian")
     data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
                         val_fraction=args.val_fraction, label_column=args.label_column,
-                        min_rows=args.batch_size)
+                        min_rows=args.batch_size, labels=args.labels)
+    if args.conditional:
+        data.with_classes()
+    if args.binarize == "dynamic" and likelihood != "bernoulli":
+        raise DataError("--binarize dynamic draws Bernoulli pixels; it needs --likelihood bernoulli")
+    if args.dense and args.arch != "conv":
+        raise DataError("--dense adds a layer to the conv architecture; an MLP's layers are --hidden")
     input_shape = data.input_shape  # kept even for an MLP, so callers may send shaped rows
     if args.arch == "conv" and len(data.input_shape) != 3:
         raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
@@ -188,13 +204,14 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         learn_logvar=args.fixed_logvar is None,
         decoder_logvar=args.fixed_logvar if args.fixed_logvar is not None else 0.0,
         per_feature_logvar=bool(per_feature) and likelihood == "gaussian",
+        dense=max(0, args.dense), num_classes=len(data.classes or ()),
     )
     trim = float(defaults["trim"] if args.trim is None else args.trim)
     if not 0.0 <= trim < 1.0:
         raise ValueError(f"--trim must be in [0, 1), got {trim}")
     cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), trim=trim, batch_size=args.batch_size,
                       lr=args.lr, beta=args.beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                      val_fraction=args.val_fraction)
+                      val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
     name = args.name or args.dataset
     device = resolve_device(args.device)
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
@@ -207,7 +224,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         "command": shlex.join(["vae-train", *argv]),
         "config": asdict(cfg),
         "data": {"dataset": args.dataset, "path": args.data, "seed": args.seed, "val_fraction": args.val_fraction,
-                 "label_column": args.label_column, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
+                 "label_column": args.label_column, "labels": args.labels, "conditional": args.conditional,
+                 "binarize": args.binarize, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "train_seconds": round(result.train_seconds, 2),
@@ -268,12 +286,19 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(result))
             else:
+                note = " (binarised, seeded)" if result["binarized"] else ""
                 print(f"{result['model']} v{result['version']} ({result['runtime']}) on {result['dataset']} "
-                      f"{result['split']}, {result['rows']} rows:")
-                print(f"  negative ELBO      {result['negative_elbo']:.3f} nats/example "
-                      f"(reconstruction {result['reconstruction']:.3f}, KL {result['kl']:.3f})")
-                if "iw_nll" in result:
-                    print(f"  -log p(x), K={result['samples']:<5} {result['iw_nll']:.3f} nats/example")
+                      f"{result['split']}, {result['rows']} rows{note}:")
+                k = f"K={result['samples']:<5}"
+                if "negative_elbo" in result:
+                    print(f"  negative ELBO      {result['negative_elbo']:.3f} nats/example "
+                          f"(reconstruction {result['reconstruction']:.3f}, KL {result['kl']:.3f})")
+                if "iw_nll_given_label" in result:
+                    print(f"  -log p(x | y), {k} {result['iw_nll_given_label']:.3f} nats/example (the row's own label)")
+                    print(f"  -log p(x), {k}     {result['iw_nll']:.3f} nats/example (labels marginalised "
+                          "over the training prior)")
+                elif "iw_nll" in result:
+                    print(f"  -log p(x), {k} {result['iw_nll']:.3f} nats/example")
             return 0
         if argv[:1] == ["sign"]:
             from service.manifest import read_manifest

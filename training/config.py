@@ -18,6 +18,9 @@ class ModelConfig:
     `decoder_logvar` is the Gaussian decoder's log-variance, learned when `learn_logvar`: one shared
     value, or one per feature when `per_feature_logvar` (features on different scales and noise levels
     then each get their own, which is what makes -log p(x) a fair anomaly score on tables).
+    `dense` is a fully connected layer between the conv stack and the latent, on both sides (0: none).
+    `num_classes` > 0 makes the VAE conditional: encoder and decoder both see the label, one-hot,
+    appended to their input rows ([x | y] and [z | y]), so a label is part of the row wherever rows go.
     """
 
     input_shape: tuple[int, ...]
@@ -28,16 +31,24 @@ class ModelConfig:
     learn_logvar: bool = True
     decoder_logvar: float = 0.0
     per_feature_logvar: bool = False
+    dense: int = 0
+    num_classes: int = 0
 
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
 
     def __post_init__(self) -> None:
         if self.latent_dim < 1:
             raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden sizes must be positive, got {list(self.hidden)}")
+        if self.dense < 0 or self.num_classes < 0 or self.num_classes == 1:
+            raise ValueError(f"dense must be >= 0 and num_classes 0 or >= 2, got {self.dense}, {self.num_classes}")
         if self.arch == "conv" and len(self.input_shape) != 3:
             raise ValueError(f"arch 'conv' needs an image input (C, H, W), got shape {list(self.input_shape)}")
 
@@ -67,6 +78,15 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     trim: float = 0.0  # share of each batch's highest-loss rows left out of the step (contaminated data)
+    binarize: Literal["none", "dynamic"] = "none"  # dynamic: x ~ Bernoulli(grey level), drawn anew every epoch
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 100 by the last epoch
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for a 0-based epoch."""
+        if self.lr_schedule == "constant" or self.epochs <= 1:
+            return self.lr
+        floor = self.lr / 100
+        return floor + 0.5 * (self.lr - floor) * (1 + math.cos(math.pi * epoch / (self.epochs - 1)))
 
     def beta_at(self, epoch: int) -> float:
         """KL weight for a 0-based epoch: annealed linearly from 0 to `beta` over `warmup_epochs`."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 DATASETS: tuple[str, ...] = ("digits", "mnist", "csv", "npy")
+MAX_CLASSES = 1000
 
 
 class DataError(ValueError):
@@ -48,10 +49,44 @@ class Dataset:
     y_train: np.ndarray | None = None
     y_val: np.ndarray | None = None
     feature_names: list[str] | None = None
+    classes: list[str] | None = None  # set by `with_classes` for a conditional model
+    label_index_train: np.ndarray | None = None  # int64 [N] indices into `classes`
+    label_index_val: np.ndarray | None = None
 
     @property
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
+
+    def with_classes(self) -> Dataset:
+        """The labels as class indices, for a conditional model; classes are named as the data names them."""
+        if self.y_train is None or self.y_val is None:
+            raise DataError(f"{self.source}: a conditional model needs labels (for csv: --label-column; "
+                            "for npy: --labels FILE)")
+        classes = class_names(self.y_train)
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = sorted({str(v) for v in self.y_val} - set(index))
+        if unknown:
+            raise DataError(f"{self.source}: validation rows have labels the training rows lack: {unknown[:5]}")
+        self.classes = classes
+        self.label_index_train = np.array([index[str(v)] for v in self.y_train], dtype=np.int64)
+        self.label_index_val = np.array([index[str(v)] for v in self.y_val], dtype=np.int64)
+        return self
+
+
+def class_names(y: np.ndarray) -> list[str]:
+    """Distinct labels as strings, in the data's natural order (numeric labels numerically)."""
+    values = np.unique(y)
+    if len(values) < 2:
+        raise DataError(f"a conditional model needs at least 2 classes; the labels hold {len(values)}")
+    if len(values) > MAX_CLASSES:
+        raise DataError(f"{len(values)} distinct labels; a conditional model takes at most {MAX_CLASSES}")
+    if np.issubdtype(values.dtype, np.floating) and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    names = [str(v) for v in values]
+    try:  # CSV labels arrive as text: "2" before "10"
+        return sorted(names, key=float)
+    except ValueError:
+        return names
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -199,9 +234,25 @@ def read_csv_table(path: Path, label_column: str | None) -> tuple[np.ndarray, np
     return x, y, features
 
 
+def read_labels(path: Path, rows: int) -> np.ndarray:
+    """A labels file for an .npy table: .npy (one label per row) or text (one per line)."""
+    if not path.exists():
+        raise DataError(f"labels file not found: {path}")
+    if path.suffix == ".npy":
+        try:
+            y = np.load(path, allow_pickle=False)
+        except ValueError as e:
+            raise DataError(f"{path}: not a plain .npy array ({e})") from None
+    else:
+        y = np.array([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    if y.ndim != 1 or len(y) != rows:
+        raise DataError(f"{path}: expected {rows} labels (one per row), got shape {list(y.shape)}")
+    return y
+
+
 def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: str,
-               seed: int, val_fraction: float) -> Dataset:
-    """A user's numeric feature table; the label column (CSV only) is kept for evaluation."""
+               seed: int, val_fraction: float, labels: Path | None = None) -> Dataset:
+    """A user's numeric feature table; labels (a CSV column, or a file beside an .npy) are kept apart."""
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if kind == "csv":
@@ -217,7 +268,8 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
             raise DataError(f"{path}: expected a 2-D array [rows, features], got shape {list(x.shape)}")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise DataError(f"{path}: expected real numbers, got dtype {x.dtype}")
-        x, y, names = x.astype(np.float64), None, [f"f{i}" for i in range(x.shape[1])]
+        x, names = x.astype(np.float64), [f"f{i}" for i in range(x.shape[1])]
+        y = read_labels(labels, len(x)) if labels is not None else None
     if x.shape[1] == 0:
         raise DataError(f"{path}: no feature columns")
     check_finite(x, str(path))
@@ -233,7 +285,7 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
 
 def load_dataset(name: str, path: str | Path | None = None, *, likelihood: str = "bernoulli",
                  seed: int = 0, val_fraction: float = 0.15, label_column: str | None = None,
-                 min_rows: int = 1) -> Dataset:
+                 min_rows: int = 1, labels: str | Path | None = None) -> Dataset:
     """Load any supported dataset; `min_rows` is the batch size the training split must reach."""
     if name == "digits":
         data = load_digits(seed=seed, val_fraction=val_fraction)
@@ -244,7 +296,7 @@ def load_dataset(name: str, path: str | Path | None = None, *, likelihood: str =
             data = load_mnist(Path(path))
         else:
             data = load_table(Path(path), kind=name, label_column=label_column, likelihood=likelihood,
-                              seed=seed, val_fraction=val_fraction)
+                              seed=seed, val_fraction=val_fraction, labels=None if labels is None else Path(labels))
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(data.x_train) < min_rows:

@@ -36,7 +36,7 @@ from service.manifest import (
     sha256_of,
 )
 from service.runtime import load_graph
-from service.scoring import score_with_graphs, supports_complexity
+from service.scoring import one_hot, score_with_graphs, supports_complexity, with_label
 from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
@@ -91,17 +91,27 @@ def decoder_logvar(model: VAE) -> float | list[float] | None:
     return values if model.cfg.per_feature_logvar else float(values[0])
 
 
-def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityCheck]:
-    """Each exported graph against the eager model, on validation rows and random inputs, batches 1 and 64."""
+def _labelled(rows: np.ndarray, labels: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """Graph input rows: [rows | one-hot label] for a conditional model."""
+    return with_label(rows, None if labels is None else one_hot(labels[: len(rows)], num_classes))
+
+
+def check_parity(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None) -> list[ParityCheck]:
+    """Each exported graph against the eager model, on validation rows and random inputs, batches 1 and 64
+    (conditional: validation rows with their labels, random rows with random labels)."""
     rng = np.random.default_rng(0)
     cfg = model.cfg
+    c = cfg.num_classes
+    random_y = rng.integers(0, c, 64) if c else None
+    val_x = _labelled(x_val[:64], y_val, c)
     with torch.no_grad():
-        val_latents = model.encode(torch.from_numpy(x_val[:64]))[0].numpy()
+        val_latents = model.encoder(torch.from_numpy(val_x))[0].numpy()
     random_x = (rng.random((64, cfg.input_dim)) if cfg.likelihood == "bernoulli"
                 else rng.standard_normal((64, cfg.input_dim))).astype(np.float32)
     inputs = {
-        "encoder": {"validation": x_val, "random": random_x},
-        "decoder": {"validation": val_latents, "random": rng.standard_normal((64, cfg.latent_dim)).astype(np.float32)},
+        "encoder": {"validation": val_x, "random": _labelled(random_x, random_y, c)},
+        "decoder": {"validation": _labelled(val_latents, y_val, c),
+                    "random": _labelled(rng.standard_normal((64, cfg.latent_dim)).astype(np.float32), random_y, c)},
     }
     eager = {"encoder": model.encoder, "decoder": model.output_head()}
     checks = []
@@ -125,13 +135,15 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray) -> list[ParityChec
     return checks
 
 
-def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", samples: int = 1) -> Calibration:
+def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", samples: int = 1,
+              y_val: np.ndarray | None = None) -> Calibration:
     """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
-    with the same fixed noise the service scores with."""
+    with the same fixed noise the service scores with (a conditional model: with the rows' labels)."""
     values_all = score_with_graphs(load_graph(folder / ENCODER_ONNX, "onnx"), load_graph(folder / DECODER_ONNX, "onnx"),
                                    x_val, score=score, samples=samples, seed=CALIBRATION_SEED,
                                    latent_dim=model.cfg.latent_dim, likelihood=model.cfg.likelihood,
-                                   decoder_logvar=decoder_logvar(model))
+                                   decoder_logvar=decoder_logvar(model), labels=y_val,
+                                   num_classes=model.cfg.num_classes)
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
     return Calibration(score="negative_elbo" if score == "elbo" else score,  # type: ignore[arg-type]
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
@@ -139,12 +151,13 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", 
                        threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))
 
 
-def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray) -> tuple[Calibration, dict[str, Calibration]]:
+def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None
+                  ) -> tuple[Calibration, dict[str, Calibration]]:
     """The default score's calibration, and every other score this model serves."""
-    others = {"iwae": calibrate(folder, model, x_val, "iwae", IWAE_SAMPLES)}
+    others = {"iwae": calibrate(folder, model, x_val, "iwae", IWAE_SAMPLES, y_val)}
     if supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape)):
-        others["complexity"] = calibrate(folder, model, x_val, "complexity", IWAE_SAMPLES)
-    return calibrate(folder, model, x_val), others
+        others["complexity"] = calibrate(folder, model, x_val, "complexity", IWAE_SAMPLES, y_val)
+    return calibrate(folder, model, x_val, y_val=y_val), others
 
 
 def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
@@ -164,14 +177,16 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
     try:
         x_val = data.preprocessing.apply(data.x_val)
-        example = torch.from_numpy(x_val[:8])
+        y_val = data.label_index_val if model.cfg.conditional else None
+        c = model.cfg.num_classes
+        example = torch.from_numpy(_labelled(x_val[:8], y_val, c))
         _export_graph(model.encoder, example, work, ENCODER_TS, ENCODER_ONNX, "x", ["mean", "logvar"])
         with torch.no_grad():
-            z_example = model.encode(example)[0]
+            z_example = torch.from_numpy(_labelled(model.encoder(example)[0].numpy(), y_val, c))
         _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
-        parity = check_parity(work, model, x_val)
-        calibration, calibrations = calibrate_all(work, model, x_val)
+        parity = check_parity(work, model, x_val, y_val)
+        calibration, calibrations = calibrate_all(work, model, x_val, y_val)
         files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
         for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
             f.chmod(0o644)
@@ -185,6 +200,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "latent_dim": cfg.latent_dim, "likelihood": cfg.likelihood,
                 "decoder_logvar": decoder_logvar(model),
                 "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
+                "classes": data.classes if model.cfg.conditional else None,
                 "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
                 "calibration": calibration, "calibrations": calibrations, "files": files,
             })

@@ -31,13 +31,16 @@ def _conv_sizes(size: int, n_layers: int) -> list[int]:
 
 
 class Encoder(nn.Module):
-    """x [N, D] -> (mean [N, L], logvar [N, L])."""
+    """x [N, D] (conditional: [x | one-hot y], [N, D + C]) -> (mean [N, L], logvar [N, L])."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_shape = cfg.input_shape
-        if cfg.arch == "mlp":
-            self.body: nn.Module = _mlp([cfg.input_dim, *cfg.hidden])
+        self.input_dim = cfg.input_dim
+        self.is_conv = cfg.arch == "conv"
+        if not self.is_conv:
+            self.body: nn.Module = _mlp([cfg.input_dim + cfg.num_classes, *cfg.hidden])
+            self.head: nn.Module = nn.Identity()
             features = cfg.hidden[-1]
         else:
             channels, height, width = cfg.input_shape
@@ -48,29 +51,35 @@ class Encoder(nn.Module):
             self.body = nn.Sequential(*layers)
             h = _conv_sizes(height, len(cfg.hidden))[-1]
             w = _conv_sizes(width, len(cfg.hidden))[-1]
-            features = cfg.hidden[-1] * h * w
-        self.is_conv = cfg.arch == "conv"
+            features = cfg.hidden[-1] * h * w + cfg.num_classes  # the label joins after the convolutions
+            self.head = nn.Sequential(nn.Linear(features, cfg.dense), nn.ReLU()) if cfg.dense else nn.Identity()
+            features = cfg.dense or features
         self.mean = nn.Linear(features, cfg.latent_dim)
         self.logvar = nn.Linear(features, cfg.latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.is_conv:
-            x = x.reshape((-1, *self.input_shape))  # [N, C, H, W]
-        h = self.body(x)
+            image, label = x[:, : self.input_dim], x[:, self.input_dim :]
+            h = self.body(image.reshape((-1, *self.input_shape)))  # [N, C, H, W] -> [N, F]
+            h = self.head(torch.cat([h, label], dim=1))
+        else:
+            h = self.body(x)
         return self.mean(h), self.logvar(h)
 
 
 class Decoder(nn.Module):
-    """z [N, L] -> distribution parameters [N, D]: Bernoulli logits or the Gaussian mean."""
+    """z [N, L] (conditional: [z | one-hot y]) -> distribution parameters [N, D]: Bernoulli logits
+    or the Gaussian mean."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.is_conv = cfg.arch == "conv"
         self.input_dim = cfg.input_dim
+        z_width = cfg.latent_dim + cfg.num_classes
         if cfg.arch == "mlp":
             widths = list(reversed(cfg.hidden))
             self.body: nn.Module = nn.Sequential(
-                _mlp([cfg.latent_dim, *widths]), nn.Linear(widths[-1], cfg.input_dim)
+                _mlp([z_width, *widths]), nn.Linear(widths[-1], cfg.input_dim)
             )
         else:
             channels, height, width = cfg.input_shape
@@ -78,8 +87,11 @@ class Decoder(nn.Module):
             ws = _conv_sizes(width, len(cfg.hidden))
             chans = list(reversed(cfg.hidden))
             self.start_shape = (chans[0], hs[-1], ws[-1])
-            layers: list[nn.Module] = [nn.Linear(cfg.latent_dim, chans[0] * hs[-1] * ws[-1]), nn.ReLU(),
-                                       nn.Unflatten(1, self.start_shape)]
+            layers: list[nn.Module] = []
+            if cfg.dense:
+                layers += [nn.Linear(z_width, cfg.dense), nn.ReLU()]
+                z_width = cfg.dense
+            layers += [nn.Linear(z_width, chans[0] * hs[-1] * ws[-1]), nn.ReLU(), nn.Unflatten(1, self.start_shape)]
             outs = [*chans[1:], channels]
             for i, (c_in, c_out) in enumerate(zip(chans, outs, strict=True)):
                 # Pick output_padding so each transposed conv restores the encoder's size exactly.
@@ -130,29 +142,38 @@ class VAE(nn.Module):
         else:
             self.register_buffer("decoder_logvar", logvar)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(x)
+    def one_hot(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
+        """Class indices [N] -> the one-hot [N, C] the graphs take; [N, 0] for an unconditional model."""
+        if not self.cfg.conditional:
+            return torch.zeros((n, 0), device=self.decoder_logvar.device)
+        if y is None:
+            raise ValueError("a conditional VAE needs labels")
+        return torch.nn.functional.one_hot(y, self.cfg.num_classes).float()
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(torch.cat([x, self.one_hot(y, len(x))], dim=1))
 
     @staticmethod
     def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """z = mean + sigma * eps; eps ~ N(0, I) is passed in so the caller owns the randomness."""
         return mean + torch.exp(0.5 * logvar) * eps
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Decoder parameters [N, D]: logits (Bernoulli) or mean (Gaussian)."""
-        return self.decoder(z)
+        return self.decoder(torch.cat([z, self.one_hot(y, len(z))], dim=1))
 
     def log_likelihood(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
         if self.cfg.likelihood == "bernoulli":
             return bernoulli_log_likelihood(x, params)
         return gaussian_log_likelihood(x, params, self.decoder_logvar)
 
-    def elbo(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None) -> ELBO:
-        """Single-sample negative ELBO of flat rows x [N, D], in nats per example."""
-        mean, logvar = self.encode(x)
+    def elbo(self, x: torch.Tensor, beta: float = 1.0, generator: torch.Generator | None = None,
+             y: torch.Tensor | None = None) -> ELBO:
+        """Single-sample negative ELBO of flat rows x [N, D] (and labels y [N] if conditional), nats per example."""
+        mean, logvar = self.encode(x, y)
         eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         z = self.reparameterize(mean, logvar, eps)
-        reconstruction = -self.log_likelihood(x, self.decode(z))
+        reconstruction = -self.log_likelihood(x, self.decode(z, y))
         kl = gaussian_kl(mean, logvar)
         return ELBO(loss=reconstruction + beta * kl, reconstruction=reconstruction, kl=kl)
 

@@ -47,13 +47,15 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1024, seed: int = 0) -> dict[str, float]:
+def evaluate_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1024, seed: int = 0,
+                  y: torch.Tensor | None = None) -> dict[str, float]:
     """Mean negative ELBO (beta = 1) and its terms over rows x, nats per example; noise seeded."""
     model.eval()
     gen = torch.Generator(device=x.device).manual_seed(seed)
     totals = np.zeros(3)
     for start in range(0, len(x), batch_size):
-        e = model.elbo(x[start : start + batch_size], beta=1.0, generator=gen)
+        yb = None if y is None else y[start : start + batch_size]
+        e = model.elbo(x[start : start + batch_size], beta=1.0, generator=gen, y=yb)
         totals += [e.loss.sum().item(), e.reconstruction.sum().item(), e.kl.sum().item()]
     loss, rec, kl = totals / len(x)
     return {"loss": float(loss), "reconstruction": float(rec), "kl": float(kl)}
@@ -74,13 +76,21 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     x_train = torch.from_numpy(data.preprocessing.apply(data.x_train)).to(device)
     x_val = torch.from_numpy(data.preprocessing.apply(data.x_val)).to(device)
+    if cfg.binarize == "dynamic":  # validation rows are binarised once, with a fixed seed, like a test set
+        x_val = torch.bernoulli(x_val.clamp(0, 1), generator=torch.Generator(device=device).manual_seed(cfg.seed))
+    y_train = y_val = None
+    if model_cfg.conditional:
+        if data.label_index_train is None or data.label_index_val is None:
+            raise ValueError("a conditional VAE needs labelled data")
+        y_train = torch.from_numpy(data.label_index_train).to(device)
+        y_val = torch.from_numpy(data.label_index_val).to(device)
     history: list[EpochStats] = []
     best_state = copy.deepcopy(model.state_dict())
     best_val, best_epoch, start_epoch, elapsed = float("inf"), 0, 0, 0.0
 
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=True)
-        if state["model_config"] != model_cfg.to_dict():
+        if ModelConfig.from_dict(state["model_config"]) != model_cfg:
             raise ValueError(f"{checkpoint} was written for another model: {state['model_config']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -93,6 +103,8 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         beta = cfg.beta_at(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(epoch)
         # Shuffling and noise are seeded per epoch, so a resumed run repeats an uninterrupted one.
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen, device=device)
@@ -102,8 +114,11 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress, unit="batch")
         for b in bar:
-            xb = x_train[order[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
-            losses = model.elbo(xb, beta=beta, generator=gen).loss
+            rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            xb = x_train[rows]
+            if cfg.binarize == "dynamic":
+                xb = torch.bernoulli(xb.clamp(0, 1), generator=gen)
+            losses = model.elbo(xb, beta=beta, generator=gen, y=None if y_train is None else y_train[rows]).loss
             if cfg.trim > 0:  # a trimmed mean: the rows the model fits worst (likely anomalies) do not pull it
                 keep = max(1, math.ceil(len(losses) * (1.0 - cfg.trim)))
                 losses = torch.topk(losses, keep, largest=False, sorted=False).values
@@ -114,7 +129,7 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
             total += loss.item() * len(xb)
             if b % 20 == 0:
                 bar.set_postfix(loss=f"{loss.item():.2f}")
-        val = evaluate_elbo(model, x_val, seed=cfg.seed)
+        val = evaluate_elbo(model, x_val, seed=cfg.seed, y=y_val)
         seconds = time.perf_counter() - t0
         elapsed += seconds
         stats = EpochStats(epoch + 1, beta, total / n, val["loss"], val["reconstruction"], val["kl"], seconds)

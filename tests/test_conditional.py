@@ -1,0 +1,182 @@
+"""Conditional VAEs: the label through training, export and every endpoint, and samples of the class asked for."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.manifest import read_manifest
+from service.scoring import score_with_graphs
+from tests.service_helpers import serving
+from training.cli import main as train_main
+from training.data import load_digits
+
+pytestmark = pytest.mark.anyio
+CLASSES = [str(c) for c in range(10)]
+
+
+@pytest.fixture(scope="module")
+def cond_repo(tmp_path_factory: pytest.TempPathFactory, tiny_repo: Path) -> Path:
+    """A conditional digits model (30 epochs, as good as the classifier check needs) beside `tiny`."""
+    root = tmp_path_factory.mktemp("cond")
+    rc = train_main(["--dataset", "digits", "--conditional", "--epochs", "30", "--output", str(root),
+                     "--name", "cdigits", "--no-progress", "--checkpoint", str(root / "ckpt.pt")])
+    assert rc == 0
+    (root / "tiny").symlink_to(tiny_repo / "tiny", target_is_directory=True)
+    return root
+
+
+class CondReference:
+    """The exported ONNX graphs run directly: [x | one-hot] in, as the manifest documents."""
+
+    def __init__(self, folder: Path):
+        self.manifest = read_manifest(folder)
+        self.encoder = ort.InferenceSession(str(folder / "encoder.onnx"))
+        self.decoder = ort.InferenceSession(str(folder / "decoder.onnx"))
+        self.shift, self.scale = self.manifest.preprocessing.arrays()
+
+    def one_hot(self, labels: list[str]) -> np.ndarray:
+        assert self.manifest.classes is not None
+        out = np.zeros((len(labels), len(self.manifest.classes)), dtype=np.float32)
+        out[np.arange(len(labels)), [self.manifest.classes.index(v) for v in labels]] = 1
+        return out
+
+    def encode(self, x: np.ndarray, labels: list[str]) -> np.ndarray:
+        xm = ((x - self.shift) / self.scale).astype(np.float32)
+        return self.encoder.run(None, {"x": np.concatenate([xm, self.one_hot(labels)], axis=1)})[0]
+
+    def decode(self, z: np.ndarray, labels: list[str]) -> np.ndarray:
+        out = self.decoder.run(None, {"z": np.concatenate([z.astype(np.float32), self.one_hot(labels)], axis=1)})[0]
+        return out * self.scale + self.shift
+
+
+def test_export_records_classes_and_graph_widths(cond_repo: Path) -> None:
+    ref = CondReference(cond_repo / "cdigits" / "1")
+    assert ref.manifest.classes == CLASSES
+    assert ref.manifest.architecture["num_classes"] == 10
+    assert ref.encoder.get_inputs()[0].shape[1] == 64 + 10
+    assert ref.decoder.get_inputs()[0].shape[1] == ref.manifest.latent_dim + 10
+    assert all(c.max_abs_diff <= 1e-4 for c in ref.manifest.parity)
+
+
+async def test_round_trip_matches_the_graphs(cond_repo: Path) -> None:
+    ref = CondReference(cond_repo / "cdigits" / "1")
+    data = load_digits(seed=0, val_fraction=0.15)
+    x, labels = data.x_val[:5], [str(v) for v in data.y_val[:5]]
+    async with serving(cond_repo, default_model="cdigits") as (_, client):
+        info = (await client.get("/models/cdigits")).json()
+        assert info["classes"] == CLASSES
+        enc = (await client.post("/encode", json={"inputs": x.tolist(), "labels": labels})).json()
+        np.testing.assert_allclose(enc["mean"], ref.encode(x, labels), rtol=1e-5, atol=1e-5)
+        z = np.asarray(enc["mean"], dtype=np.float32)
+        dec = (await client.post("/decode", json={"latents": z.tolist(), "label": labels})).json()
+        np.testing.assert_allclose(dec["outputs"], ref.decode(z, labels), rtol=1e-4, atol=1e-4)
+        rec = (await client.post("/reconstruct", json={"inputs": x.tolist(), "labels": labels})).json()
+        np.testing.assert_allclose(rec["outputs"], dec["outputs"], rtol=1e-4, atol=1e-4)
+        one = (await client.post("/decode", json={"latents": z.tolist(), "label": 7})).json()
+        np.testing.assert_allclose(one["outputs"], ref.decode(z, ["7"] * 5), rtol=1e-4, atol=1e-4)
+
+        scored = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "labels": labels,
+                                                            "score": "iwae"})).json()
+        m = ref.manifest
+        xm = ((x - ref.shift) / ref.scale).astype(np.float32)
+        expected = score_with_graphs(lambda a: ref.encoder.run(None, {"x": a}),
+                                     lambda a: ref.decoder.run(None, {"z": a}), xm, score="iwae", samples=64,
+                                     seed=m.calibration.seed, latent_dim=m.latent_dim, likelihood=m.likelihood,
+                                     decoder_logvar=m.decoder_logvar, labels=np.array([int(v) for v in labels]),
+                                     num_classes=10)
+        np.testing.assert_allclose(scored["score"], expected, rtol=1e-4)
+        wrong = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "iwae",
+                                                           "labels": [str((int(v) + 5) % 10) for v in labels]})).json()
+        assert np.mean(np.asarray(wrong["score"]) > np.asarray(scored["score"])) >= 0.8  # the wrong class fits worse
+
+        path = (await client.post("/interpolate", json={"start": x[0].tolist(), "end": x[1].tolist(), "steps": 4,
+                                                        "label": "4"})).json()
+        ends = ref.encode(x[:2], ["4", "4"])
+        np.testing.assert_allclose(path["latents"][0], ends[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(path["outputs"], ref.decode(np.asarray(path["latents"]), ["4"] * 4),
+                                   rtol=1e-4, atol=1e-4)
+
+
+async def test_sample_takes_one_label_or_one_per_row_and_seeds_reproduce(cond_repo: Path) -> None:
+    ref = CondReference(cond_repo / "cdigits" / "1")
+    async with serving(cond_repo, default_model="cdigits") as (_, client):
+        threes = (await client.post("/sample", json={"n": 4, "seed": 11, "label": "3"})).json()
+        assert threes["labels"] == ["3"] * 4
+        np.testing.assert_allclose(threes["outputs"], ref.decode(np.asarray(threes["latents"]), ["3"] * 4),
+                                   rtol=1e-4, atol=1e-4)
+        mixed = (await client.post("/sample", json={"n": 4, "seed": 11, "label": ["3", 5, "8", "3"]})).json()
+        assert mixed["labels"] == ["3", "5", "8", "3"]
+        assert mixed["latents"] == threes["latents"]  # the seed fixes z; the label only changes what is drawn
+        assert mixed["outputs"][0] == threes["outputs"][0] and mixed["outputs"][1] != threes["outputs"][1]
+        again = (await client.post("/sample?n=4&seed=11&labels=3,5,8,3")).json()
+        assert again["outputs"] == mixed["outputs"]
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(threes["latents"], dtype=np.float32))
+        npy = (await client.post("/decode?labels=3,3,3,3", content=buffer.getvalue(),
+                                 headers={"content-type": "application/x-npy"})).json()
+        np.testing.assert_allclose(npy["outputs"], threes["outputs"], rtol=1e-6)
+
+
+async def test_batching_keeps_each_rows_label(cond_repo: Path) -> None:
+    """Concurrent requests for different classes share batches; each gets what it gets alone."""
+    async with serving(cond_repo, default_model="cdigits", batch_wait_ms=20) as (_, client):
+        alone = [(await client.post("/sample", json={"n": 3, "seed": i, "label": str(i)})).json()["outputs"]
+                 for i in range(10)]
+        together = await asyncio.gather(*[client.post("/sample", json={"n": 3, "seed": i, "label": str(i)})
+                                          for i in range(10)])
+        assert [r.json()["outputs"] for r in together] == alone
+
+
+@pytest.mark.parametrize(("model", "body", "needle"), [
+    ("cdigits", {"n": 2}, "is conditional"),
+    ("cdigits", {"n": 2, "label": "ten"}, "unknown label 'ten'"),
+    ("cdigits", {"n": 2, "label": ["1", "2", "3"]}, "3 entries for 2 rows"),
+    ("cdigits", {"n": 2, "label": 2.0}, "label"),
+    ("tiny", {"n": 2, "label": "3"}, "not conditional"),
+])
+async def test_label_errors_name_the_problem(cond_repo: Path, model: str, body: dict, needle: str) -> None:
+    async with serving(cond_repo, default_model="cdigits") as (_, client):
+        r = await client.post("/sample", json={**body, "model": model})
+        assert r.status_code == 422, r.text
+        assert needle in r.json()["error"]["message"]
+        assert r.json()["error"]["field"] in ("label", "labels")
+        both = await client.post("/encode", json={"inputs": [[0.0] * 64], "label": "1", "labels": ["1"]})
+        assert both.status_code == 422 and "not both" in both.json()["error"]["message"]
+        short = await client.post("/anomaly-score", json={"inputs": [[0.0] * 64] * 2, "labels": ["1"]})
+        assert short.status_code == 422 and "1 entries for 2 rows" in short.json()["error"]["message"]
+
+
+async def test_v2_takes_labels_as_parameters(cond_repo: Path) -> None:
+    async with serving(cond_repo, default_model="cdigits") as (_, client):
+        meta = (await client.get("/v2/models/cdigits.sample")).json()
+        assert meta["parameters"]["classes"] == CLASSES
+        r = await client.post("/v2/models/cdigits.sample/infer",
+                              json={"inputs": [], "parameters": {"n": 3, "seed": 5, "labels": "1,2,3"}})
+        native = (await client.post("/sample", json={"n": 3, "seed": 5, "label": ["1", "2", "3"]})).json()
+        out = next(o for o in r.json()["outputs"] if o["name"] == "outputs")
+        np.testing.assert_allclose(np.reshape(out["data"], (3, 64)), native["outputs"], rtol=1e-6)
+        assert r.json()["parameters"]["labels"] == ["1", "2", "3"]
+        bad = await client.post("/v2/models/cdigits.sample/infer", json={"inputs": [], "parameters": {"n": 1}})
+        assert bad.status_code == 422 and "conditional" in bad.json()["error"]
+
+
+async def test_samples_are_of_the_class_asked_for(cond_repo: Path) -> None:
+    """The quick version of the README's figure: a classifier trained on the real training rows labels
+    samples drawn for each class as that class (>= 90 % overall)."""
+    from sklearn.svm import SVC
+
+    data = load_digits(seed=0, val_fraction=0.15)  # the model's own split: the classifier sees its training rows
+    classifier = SVC().fit(data.x_train, data.y_train)
+    assert classifier.score(data.x_val, data.y_val) > 0.97
+    async with serving(cond_repo, default_model="cdigits") as (_, client):
+        hits = []
+        for c in range(10):
+            r = (await client.post("/sample", json={"n": 100, "seed": c, "label": c})).json()
+            hits.append(np.mean(classifier.predict(np.asarray(r["outputs"])) == c))
+    assert np.mean(hits) >= 0.9, hits
