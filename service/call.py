@@ -24,6 +24,7 @@ class Call:
     settings: Settings
     maybe_bools: bool
     npz: bool = False  # answer .npz rather than JSON (native protocol)
+    png: bool = False  # answer one PNG picture (native protocol, image models)
 
     def labels(self, n: int) -> np.ndarray | None:
         """Class indices [n] from `label` (one for all rows, or one per row) or `labels` (one per row);

@@ -21,6 +21,7 @@ from service.errors import InvalidInput, MalformedBody, NotAcceptable, PayloadTo
 JSON = "application/json"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
+PNG = "image/png"
 _NUMERIC_KINDS = "fiu"
 
 
@@ -204,15 +205,18 @@ def rows(value: Any, field: str, *, shape: tuple[int, ...], max_rows: int, maybe
     return array.reshape(n, width)
 
 
-def wants_npz(accept: str | None) -> bool:
+def negotiate(accept: str | None) -> str:
+    """The response's media type: .npz or PNG when asked for by name, else JSON."""
     if not accept:
-        return False
+        return JSON
     kinds = [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
-    if NPZ in kinds:
-        return True
+    for kind in (NPZ, PNG):
+        if kind in kinds:
+            return kind
     if not any(k in (JSON, "*/*", "application/*", "") for k in kinds):
-        raise NotAcceptable(f"Accept {accept!r}: responses are {JSON} or {NPZ}")
-    return False
+        raise NotAcceptable(f"Accept {accept!r}: responses are {JSON}, {NPZ}, or {PNG} (image models' "
+                            "/sample, /decode, /reconstruct and /interpolate)")
+    return JSON
 
 
 def encode_json(payload: dict[str, Any]) -> bytes:

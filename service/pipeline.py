@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from service import codec
+from service import codec, pictures
 from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
@@ -62,7 +62,7 @@ def query_fields(request: Request) -> dict[str, Any]:
 
 async def parse(request: Request, state: AppState, params_type: type[P]) -> Call:
     """A native request: a JSON body, an .npy body with query parameters, or no body and a query."""
-    npz = codec.wants_npz(request.headers.get("accept"))
+    answer = codec.negotiate(request.headers.get("accept"))
     repository = await state.loaded_repository()
     kind = codec.media_type(request.headers.get("content-type"))
     body = await read_body(request, state)
@@ -83,8 +83,10 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         params = validate_params(params_type, data, strict=True)
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
+    if answer == codec.PNG:
+        pictures.check_drawable(model.input_shape, "columns" in params_type.model_fields)
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=state.settings,
-                maybe_bools=maybe_bools, npz=npz)
+                maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG)
 
 
 async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Callable[[], Awaitable[Call]],
@@ -113,6 +115,8 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
 
 
 def _render_native(call: Call, payload: Payload) -> Response:
+    if call.png:
+        return Response(pictures.render(call, payload), media_type=codec.PNG)
     if call.npz:
         return Response(codec.encode_npz(payload), media_type=codec.NPZ)
     return Response(codec.encode_json(payload), media_type=codec.JSON)

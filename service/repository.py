@@ -92,6 +92,11 @@ class LoadedModel:
             return None
         return one_hot(labels, self.manifest.num_classes, repeat)
 
+    def data_range(self) -> tuple[np.ndarray, np.ndarray]:
+        """The data space's range per feature, [shift, shift + scale] (pixels: 0..max), for pictures."""
+        low = np.broadcast_to(self.shift, (self.manifest.input_dim,))
+        return low, low + np.broadcast_to(self.scale, (self.manifest.input_dim,))
+
     def noise(self, samples: int) -> np.ndarray:
         """The fixed scoring noise for K samples (the calibration's seed): same row, same score."""
         return _noise(samples, self.latent_dim, self.manifest.calibration.seed)

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service import schemas
-from service.codec import JSON, NPY, NPZ, encode_json
+from service.codec import JSON, NPY, NPZ, PNG, encode_json
 from service.deps import AppState, State
 from service.errors import NotReady
 from service.operations import OPERATIONS, Operation
@@ -35,7 +35,11 @@ def _doc(request_model: type[BaseModel], response_model: type[BaseModel], npy: s
     content: dict[str, Any] = {JSON: {"schema": request_model.model_json_schema()}}
     if npy:
         content[NPY] = {"schema": {"type": "string", "format": "binary", "description": npy}}
-    npz = {NPZ: {"schema": {"type": "string", "format": "binary", "description": "one array per field"}}}
+    binary = {"type": "string", "format": "binary"}
+    npz: dict[str, Any] = {NPZ: {"schema": {**binary, "description": "one array per field"}}}
+    if "columns" in request_model.model_fields:
+        npz[PNG] = {"schema": {"type": "string", "format": "binary",
+                               "description": "image models: the outputs as one picture (README: Pictures)"}}
     return {
         "openapi_extra": {"requestBody": {"required": False, "content": content}},
         "responses": {200: {"model": response_model, "content": npz}, **ERRORS},

@@ -54,6 +54,15 @@ class Common(BaseModel):
                          f"got {value!r:.80}")
 
 
+class PictureFields(BaseModel):
+    """How an image model draws its answer as a PNG (Accept: image/png)."""
+
+    columns: int | None = Field(None, ge=1, le=1024, description="PNG answers: images (pairs, for /reconstruct) "
+                                "per row of the grid; null = a square grid, or one strip for /interpolate")
+    upscale: int | None = Field(None, ge=1, le=32, description="PNG answers: each pixel becomes an upscale x "
+                                "upscale block; null = enough for a 64-pixel side (8 for 8x8, 3 for 28x28)")
+
+
 class EncodeParams(Common):
     sample: bool = Field(False, description="z = mean (false) or a draw from q(z|x) (true)")
     seed: Seed = None
@@ -64,7 +73,7 @@ class EncodeRequest(EncodeParams):
     inputs: Rows = Field(description="rows, each flat or shaped as the model's input shape")
 
 
-class DecodeParams(Common):
+class DecodeParams(Common, PictureFields):
     pass
 
 
@@ -73,7 +82,7 @@ class DecodeRequest(DecodeParams):
     latents: Rows
 
 
-class ReconstructParams(EncodeParams):
+class ReconstructParams(EncodeParams, PictureFields):
     pass
 
 
@@ -82,14 +91,14 @@ class ReconstructRequest(ReconstructParams):
     inputs: Rows
 
 
-class SampleParams(Common):
+class SampleParams(Common, PictureFields):
     model_config = _examples({"n": 4, "seed": 7, "temperature": 1.0})
     n: int = Field(16, ge=1, description="samples to draw (at most VAE_MAX_ROWS)")
     seed: Seed = None
     temperature: float = Field(1.0, gt=0, le=100, allow_inf_nan=False, description="scales the prior's std")
 
 
-class InterpolateParams(Common):
+class InterpolateParams(Common, PictureFields):
     label: Label | None = Field(None, description="conditional models: the class of the whole path")
     labels: None = Field(None, description="not taken: a path has one class, `label`")
     steps: int = Field(8, ge=2, description="points including both ends (at most VAE_MAX_STEPS)")
