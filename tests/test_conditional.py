@@ -180,3 +180,14 @@ async def test_samples_are_of_the_class_asked_for(cond_repo: Path) -> None:
             r = (await client.post("/sample", json={"n": 100, "seed": c, "label": c})).json()
             hits.append(np.mean(classifier.predict(np.asarray(r["outputs"])) == c))
     assert np.mean(hits) >= 0.9, hits
+
+
+def test_plot_draws_one_row_per_class(cond_repo: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from service.pictures import PAD
+
+    assert train_main(["plot", str(cond_repo / "cdigits" / "1"), "--out", str(tmp_path)]) == 0
+    with Image.open(tmp_path / "samples.png") as image:
+        assert image.size == (PAD + 10 * (64 + PAD), PAD + 10 * (64 + PAD))  # 10 classes x 10 samples
+    assert (tmp_path / "latent_map.png").stat().st_size > 1000

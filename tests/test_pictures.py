@@ -104,3 +104,28 @@ async def test_png_is_refused_for_table_models(tmp_path: Path) -> None:
     async with serving(tmp_path / "m", default_model="table") as (_, client):
         r = await client.post("/sample", json={"n": 2}, headers=PNG)
         assert r.status_code == 406 and "image models" in r.json()["error"]["message"]
+
+
+def test_vae_train_plot_writes_the_pictures(tmp_path: Path) -> None:
+    """Every picture decodes; the sample grid is the decoder's output for the documented latents."""
+    from training.cli import main as train_main
+
+    out = tmp_path / "pictures"
+    assert train_main(["plot", str(DEFAULT_MODEL), "--out", str(out)]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert names == {"samples.png", "reconstructions.png", "interpolation.png", "traversal.png", "latent_map.png",
+                     "curves.png"}
+    for name in names:
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.format == "PNG" and min(image.size) > 50
+    samples = decode_png((out / "samples.png").read_bytes())
+    assert samples.shape == (PAD + 8 * (8 * 8 + PAD),) * 2  # 64 samples, 8 x 8
+    traversal = decode_png((out / "traversal.png").read_bytes())
+    assert traversal.shape == (PAD + 8 * (8 * 8 + PAD), PAD + 9 * (8 * 8 + PAD))  # 8 latent dims x 9 steps
+    from tests.service_helpers import Reference
+
+    ref = Reference()
+    z = np.zeros((1, 8), dtype=np.float32)
+    centre = cell(traversal, 4, 9, 8, 8)  # the middle of each row is z = 0
+    np.testing.assert_array_equal(centre, grey(ref.decode(z)[0].tolist()))

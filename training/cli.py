@@ -55,7 +55,8 @@ def train_parser() -> argparse.ArgumentParser:
                     "the eager model, and write models/<name>/<version>/. "
                     "Run `vae-train evaluate --help` to score an exported model (a dataset split, or labelled rows "
                     "for anomaly detection), `vae-train benchmark-anomaly --help` for the anomaly benchmark, and "
-                    "`vae-train keygen --help` / `vae-train sign --help` to sign models.",
+                    "`vae-train keygen --help` / `vae-train sign --help` to sign models, and `vae-train plot --help` "
+                    "to draw a model as PNG files.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
@@ -145,6 +146,22 @@ def evaluate_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("anomaly detection (labelled rows: --data FILE with labels)")
     a.add_argument("--label-column", help="CSV column of labels, 0 = normal, 1 = anomaly")
     a.add_argument("--labels", type=Path, metavar="FILE", help="labels (.npy of 0/1) for an .npy --data file")
+    return p
+
+
+def plot_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-train plot",
+        description="Draw what a model has learned, as PNG files: a sample grid, reconstructions beside their inputs, "
+                    "interpolation strips and a latent traversal (image models), a 2-D map of the encoded validation "
+                    "set coloured by label, and the training curves.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", type=Path, help="model folder, e.g. models/digits/1")
+    p.add_argument("--out", type=Path, help="folder for the PNG files [default: docs/pictures/<name>-<version>]")
+    p.add_argument("--dataset", choices=DATASETS, help="[default: the one recorded in the manifest]")
+    p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
+    p.add_argument("--seed", type=int, default=0, help="which samples and rows are drawn")
     return p
 
 
@@ -299,6 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                           "over the training prior)")
                 elif "iw_nll" in result:
                     print(f"  -log p(x), {k} {result['iw_nll']:.3f} nats/example")
+            return 0
+        if argv[:1] == ["plot"]:
+            from service.manifest import read_manifest
+            from training.plot import plot
+
+            args = plot_parser().parse_args(argv[1:])
+            m = read_manifest(args.model)
+            out = args.out or Path("docs") / "pictures" / f"{m.name}-{m.version}"
+            for path in plot(args.model, out, dataset=args.dataset, data=args.data, seed=args.seed):
+                print(path)
             return 0
         if argv[:1] == ["sign"]:
             from service.manifest import read_manifest

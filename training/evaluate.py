@@ -16,27 +16,35 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.manifest import GRAPH_FILES, read_manifest
+from service.manifest import GRAPH_FILES, Manifest, read_manifest
 from service.runtime import Runtime, load_graph
 from service.scoring import log_likelihood, one_hot, sample_latents, scores, with_label
-from training.data import load_dataset
+from training.data import Dataset, load_dataset
 
 MAX_DECODER_ROWS = 32_768  # rows x samples decoded at once
 
 
-def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = None, split: str = "val",
-             samples: int = 1000, runtime: Runtime = "onnx", seed: int = 0, progress: bool = True,
-             threads: int = 0) -> dict[str, Any]:
-    manifest = read_manifest(model_dir)
+def recorded_dataset(manifest: Manifest, dataset: str | None = None, data: str | None = None) -> Dataset:
+    """The data a model was trained on, split as it was, from what its manifest records (or overrides)."""
     recorded = manifest.training.get("data", {})
     name = dataset or recorded.get("dataset")
     path = data if data is not None else recorded.get("path")
     if name is None:
         raise ValueError("the manifest records no dataset; pass --dataset")
     ds = load_dataset(name, path, likelihood=manifest.likelihood, seed=recorded.get("seed", 0),
-                      val_fraction=recorded.get("val_fraction", 0.15), label_column=recorded.get("label_column"))
+                      val_fraction=recorded.get("val_fraction", 0.15), label_column=recorded.get("label_column"),
+                      labels=recorded.get("labels"))
     if ds.input_dim != manifest.input_dim:
         raise ValueError(f"dataset rows have {ds.input_dim} features, the model takes {manifest.input_dim}")
+    return ds
+
+
+def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = None, split: str = "val",
+             samples: int = 1000, runtime: Runtime = "onnx", seed: int = 0, progress: bool = True,
+             threads: int = 0) -> dict[str, Any]:
+    manifest = read_manifest(model_dir)
+    ds = recorded_dataset(manifest, dataset, data)
+    name = ds.name
     raw = {"val": ds.x_val, "test": ds.x_val, "train": ds.x_train}.get(split)
     if raw is None:
         raise ValueError(f"unknown split {split!r}; choose train, val or test")
