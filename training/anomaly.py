@@ -74,6 +74,9 @@ class ServedScorer:
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime = "onnx", threads: int = 0) -> ServedScorer:
         manifest = read_manifest(model_dir)
+        if manifest.classes:
+            raise ValueError(f"{model_dir} is a conditional model: its scores need each row's label, so score it "
+                             "through the service (POST /anomaly-score with labels)")
         return cls(manifest, load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, threads=threads),
                    load_graph(model_dir / GRAPH_FILES["decoder", runtime], runtime, threads=threads))
 

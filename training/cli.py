@@ -56,7 +56,8 @@ def train_parser() -> argparse.ArgumentParser:
                     "Run `vae-train evaluate --help` to score an exported model (a dataset split, or labelled rows "
                     "for anomaly detection), `vae-train benchmark-anomaly --help` for the anomaly benchmark, and "
                     "`vae-train keygen --help` / `vae-train sign --help` to sign models, and `vae-train plot --help` "
-                    "to draw a model as PNG files.",
+                    "to draw a model as PNG files, `vae-train check-samples --help` to judge a conditional model's "
+                    "samples.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = p.add_argument_group("data")
@@ -162,6 +163,21 @@ def plot_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=DATASETS, help="[default: the one recorded in the manifest]")
     p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
     p.add_argument("--seed", type=int, default=0, help="which samples and rows are drawn")
+    return p
+
+
+def check_samples_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-train check-samples",
+        description="A conditional model's samples, judged: a classifier trained on the model's training rows labels "
+                    "samples drawn for each class; prints the share labelled as the class asked for.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", type=Path, help="a conditional model's folder")
+    p.add_argument("--per-class", type=_positive(int), default=100, help="samples drawn per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
 
@@ -316,6 +332,21 @@ def main(argv: list[str] | None = None) -> int:
                           "over the training prior)")
                 elif "iw_nll" in result:
                     print(f"  -log p(x), {k} {result['iw_nll']:.3f} nats/example")
+            return 0
+        if argv[:1] == ["check-samples"]:
+            from training.sample_check import check_samples
+
+            args = check_samples_parser().parse_args(argv[1:])
+            r = check_samples(args.model, per_class=args.per_class, seed=args.seed, data=args.data)
+            if args.json:
+                print(json.dumps(r))
+            else:
+                judge = r["classifier_validation_accuracy"]
+                print(f"{r['model']} v{r['version']}: {r['accuracy']:.1%} of samples labelled as the class asked for "
+                      f"({r['samples_per_class']} per class; the classifier is {judge:.1%} accurate on held-out rows)")
+                print("| class | " + " | ".join(r["per_class"]) + " |")
+                print("|---|" + "---|" * len(r["per_class"]))
+                print("| samples labelled as asked | " + " | ".join(f"{v:.0%}" for v in r["per_class"].values()) + " |")
             return 0
         if argv[:1] == ["plot"]:
             from service.manifest import read_manifest
