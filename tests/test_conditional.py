@@ -191,3 +191,57 @@ def test_plot_draws_one_row_per_class(cond_repo: Path, tmp_path: Path) -> None:
     with Image.open(tmp_path / "samples.png") as image:
         assert image.size == (PAD + 10 * (64 + PAD), PAD + 10 * (64 + PAD))  # 10 classes x 10 samples
     assert (tmp_path / "latent_map.png").stat().st_size > 1000
+
+
+def test_marginal_likelihood_matches_brute_force(cond_repo: Path) -> None:
+    """evaluate's -log p(x) of a conditional model (label and z sampled together) against the sum over
+    every class of p(y) p(x | y), each estimated with its own K samples."""
+    from scipy.special import logsumexp
+
+    from service.runtime import load_graph
+    from training.evaluate import evaluate, evaluate_conditional
+
+    folder = cond_repo / "cdigits" / "1"
+    m = read_manifest(folder)
+    enc, dec = load_graph(folder / "encoder.onnx", "onnx"), load_graph(folder / "decoder.onnx", "onnx")
+    data = load_digits(seed=0, val_fraction=0.15)
+    x, y = (data.x_val[:30] / 16).astype(np.float32), data.y_val[:30]
+    prior = np.bincount(data.y_train, minlength=10) / len(data.y_train)
+    per_class = np.stack([score_with_graphs(enc, dec, x, score="iwae", samples=1000, seed=c, latent_dim=m.latent_dim,
+                                            likelihood="bernoulli", decoder_logvar=None, labels=np.full(30, c),
+                                            num_classes=10) for c in range(10)], axis=1)
+    brute = -logsumexp(np.log(prior) - per_class, axis=1)
+    got = evaluate_conditional(enc, dec, x, y, prior, m.latent_dim, samples=1000, seed=0, progress=False)
+    assert abs(got["iw_nll"] - brute.mean()) < 0.05
+    own = per_class[np.arange(30), y].mean()
+    assert abs(got["iw_nll_given_label"] - own) < 0.05
+    assert got["iw_nll"] > got["iw_nll_given_label"]  # the label carries information about x
+    result = evaluate(folder, samples=50, progress=False)
+    assert result["rows"] == len(data.x_val) and "iw_nll_given_label" in result
+
+
+async def test_tables_take_labels_from_a_column_or_a_file(tmp_path: Path) -> None:
+    """Class names are the data's own: CSV text labels, and an .npy table's labels file."""
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([rng.normal(-2, 1, (150, 3)), rng.normal(2, 1, (150, 3))])
+    names = np.array(["cat"] * 150 + ["dog"] * 150)
+    with (tmp_path / "t.csv").open("w") as f:
+        f.write("a,b,c,kind\n")
+        for row, name in zip(rows, names, strict=True):
+            f.write(",".join(f"{v:.5f}" for v in row) + f",{name}\n")
+    common = ["--epochs", "2", "--conditional", "--output", str(tmp_path / "m"), "--no-progress"]
+    assert train_main(["--dataset", "csv", "--data", str(tmp_path / "t.csv"), "--label-column", "kind",
+                       "--name", "pets", "--checkpoint", str(tmp_path / "a.pt"), *common]) == 0
+    np.save(tmp_path / "t.npy", rows)
+    (tmp_path / "labels.txt").write_text("\n".join(names) + "\n")
+    assert train_main(["--dataset", "npy", "--data", str(tmp_path / "t.npy"), "--labels", str(tmp_path / "labels.txt"),
+                       "--name", "pets-npy", "--checkpoint", str(tmp_path / "b.pt"), *common]) == 0
+    assert read_manifest(tmp_path / "m" / "pets-npy" / "1").classes == ["cat", "dog"]
+    assert train_main(["--dataset", "npy", "--data", str(tmp_path / "t.npy"), "--name", "x", "--checkpoint",
+                       str(tmp_path / "c.pt"), *common]) == 2  # --conditional without labels: a clear error
+    async with serving(tmp_path / "m", default_model="pets") as (_, client):
+        assert (await client.get("/models/pets")).json()["classes"] == ["cat", "dog"]
+        r = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "labels": ["cat", "dog"]})
+        assert r.status_code == 200 and len(r.json()["score"]) == 2
+        r = await client.post("/sample", json={"n": 2, "label": "bird"})
+        assert r.status_code == 422 and "'cat', 'dog'" in r.json()["error"]["message"]
