@@ -12,6 +12,7 @@ import pytest
 
 from service.manifest import read_manifest
 from service.scoring import score_with_graphs
+from tests.conftest import SHARED
 from tests.service_helpers import serving
 from training.cli import main as train_main
 from training.data import load_digits
@@ -245,3 +246,51 @@ async def test_tables_take_labels_from_a_column_or_a_file(tmp_path: Path) -> Non
         assert r.status_code == 200 and len(r.json()["score"]) == 2
         r = await client.post("/sample", json={"n": 2, "label": "bird"})
         assert r.status_code == 422 and "'cat', 'dog'" in r.json()["error"]["message"]
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models"
+
+
+async def test_shipped_mnist_round_trip_and_picture() -> None:
+    """The shipped conditional MNIST model through the service: samples of the class asked for, drawn as
+    the graphs draw them, and the PNG answer is the JSON answer's pixels."""
+    from PIL import Image
+
+    from service.pictures import PAD
+
+    ref = CondReference(SHIPPED / "mnist" / "1")
+    assert ref.manifest.input_shape == [1, 28, 28] and ref.manifest.classes == CLASSES
+    async with serving(SHIPPED, default_model="mnist") as (_, client):
+        assert (await client.get("/models/mnist")).json()["classes"] == CLASSES
+        body = {"n": 10, "seed": 3, "label": CLASSES}
+        drawn = (await client.post("/sample", json=body)).json()
+        outputs = np.asarray(drawn["outputs"])
+        np.testing.assert_allclose(outputs, ref.decode(np.asarray(drawn["latents"]), CLASSES), rtol=1e-4, atol=1e-4)
+        again = (await client.post("/encode", json={"inputs": outputs.tolist(), "labels": CLASSES})).json()
+        assert np.asarray(again["mean"]).shape == (10, ref.manifest.latent_dim)
+        png = await client.post("/sample", json={**body, "columns": 10, "upscale": 1}, headers={"accept": "image/png"})
+        assert png.headers["content-type"] == "image/png"
+        with Image.open(io.BytesIO(png.content)) as image:
+            pixels = np.asarray(image.convert("L"), dtype=np.float64)
+        assert pixels.shape == (PAD + 28 + PAD, PAD + 10 * (28 + PAD))
+        for i in range(10):
+            cell = pixels[PAD:PAD + 28, PAD + i * (28 + PAD): PAD + i * (28 + PAD) + 28]
+            np.testing.assert_allclose(cell, np.rint(outputs[i].reshape(28, 28)), atol=1)  # data range 0..255
+
+
+def test_check_samples_on_the_shipped_digits_model() -> None:
+    from training.sample_check import check_samples
+
+    report = check_samples(SHIPPED / "digits-conditional" / "1", per_class=30)
+    assert set(report["per_class"]) == set(CLASSES)
+    assert report["classifier_validation_accuracy"] > 0.9
+    assert report["accuracy"] >= 0.9, report["per_class"]
+
+
+@pytest.mark.skipif(not (SHARED / "data" / "mnist").is_dir(), reason="../shared/data/mnist is not present")
+def test_check_samples_on_the_shipped_mnist_model() -> None:
+    """The README's MNIST figure, quickly: at least 90 % of samples drawn per class are labelled as asked."""
+    from training.sample_check import check_samples
+
+    report = check_samples(SHIPPED / "mnist" / "1", per_class=50, data=str(SHARED / "data" / "mnist"))
+    assert report["accuracy"] >= 0.9, report["per_class"]
