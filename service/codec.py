@@ -109,6 +109,15 @@ def _parse_npy_with_numpy(body: bytes) -> np.ndarray:
     return array
 
 
+def _shown(value: Any) -> str:
+    """A short JSON rendering of a bad value for the error message; values orjson cannot write (integers
+    beyond 64 bits, which Python callers and msgpack-style bodies can hold) fall back to repr."""
+    try:
+        return orjson.dumps(value).decode()[:40]
+    except TypeError:
+        return repr(value)[:40]
+
+
 def _first_problem(value: Any, field: str) -> tuple[str, str]:
     """Walk nested lists to the first element that is not a number, or the first ragged row."""
     stack: list[tuple[Any, str]] = [(value, field)]
@@ -121,8 +130,7 @@ def _first_problem(value: Any, field: str) -> tuple[str, str]:
                 return path, f"{path} is ragged: its items have lengths {sizes[:8]}"
             stack.extend((x, f"{path}[{i}]") for i, x in reversed(list(enumerate(v))))
         elif isinstance(v, bool) or not isinstance(v, int | float):
-            shown = orjson.dumps(v).decode()[:40]
-            return path, f"{path} is {shown}, not a number"
+            return path, f"{path} is {_shown(v)}, not a number"
     return field, f"{field} could not be read as numbers"
 
 
