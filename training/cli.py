@@ -25,7 +25,7 @@ IMAGE_DATASETS = ("digits", "mnist")
 # and a variance per feature scores each feature on its own scale.
 IMAGE_DEFAULTS: dict[str, Any] = {"epochs": 30, "trim": 0.0, "per_feature_logvar": False, "hidden": (128,),
                                   "latent_dim": 8}
-TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.05, "per_feature_logvar": True, "hidden": (128, 64),
+TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.1, "per_feature_logvar": True, "hidden": (128, 64),
                                   "latent_dim": 16}
 
 
@@ -92,7 +92,7 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_positive(int), help="[default: 30 for images, 20 for csv/npy]")
     t.add_argument("--trim", type=float, metavar="SHARE",
                    help="leave each batch's highest-loss share of rows out of the step, for training data that "
-                        "holds anomalies [default: 0 for images, 0.05 for csv/npy]")
+                        "holds anomalies [default: 0 for images, 0.1 for csv/npy]")
     t.add_argument("--batch-size", type=_positive(int), default=128)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
