@@ -29,7 +29,7 @@ def _header(model: LoadedModel) -> Payload:
 
 async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
-    mean, logvar = await model.encoder(with_label(model.to_model_space(x), model.one_hot(labels)))
+    mean, logvar = await model.encoder(with_label(model.to_model_space(x), labels, model.num_classes))
     if not sample:
         return mean, logvar, mean, None
     used = _seed(seed)
@@ -38,7 +38,7 @@ async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | N
 
 
 async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
-    (out,) = await model.decoder(with_label(z, model.one_hot(labels)))
+    (out,) = await model.decoder(with_label(z, labels, model.num_classes))
     return model.to_data_space(out)
 
 
@@ -94,7 +94,7 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     labels = None if label is None else np.full(steps, label, dtype=np.int64)
     if start is not None and end is not None:
         ends = model.to_model_space(np.concatenate([start, end]))
-        mean, _ = await model.encoder(with_label(ends, None if labels is None else model.one_hot(labels[:2])))
+        mean, _ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
         a, b = mean[0], mean[1]
     else:
         assert start_latent is not None and end_latent is not None
@@ -112,9 +112,9 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
     xm = model.to_model_space(x)
     if score == "complexity":
         xm = binarize(xm)
-    mean, logvar = await model.encoder(with_label(xm, model.one_hot(labels)))
+    mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
     eps = model.noise(samples)
-    (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), model.one_hot(labels, samples)))
+    (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), labels, model.num_classes, samples))
     m = model.manifest
     values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar)
     used = calibration.threshold if threshold is None else threshold

@@ -52,14 +52,6 @@ def validate_params(params_type: type[P], data: dict[str, Any], *, strict: bool)
         raise InvalidInput(message, field=field) from None
 
 
-def query_fields(request: Request) -> dict[str, Any]:
-    """Fields from the query string; `labels` (one per row) is comma-separated there: `?labels=3,7,1`."""
-    fields: dict[str, Any] = dict(request.query_params)
-    if "labels" in fields:
-        fields["labels"] = fields["labels"].split(",")
-    return fields
-
-
 async def parse(request: Request, state: AppState, params_type: type[P]) -> Call:
     """A native request: a JSON body, an .npy body with query parameters, or no body and a query."""
     answer = codec.negotiate(request.headers.get("accept"))
@@ -69,12 +61,12 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     npy = None
     if not body.strip() and request.query_params:
         # No body: the fields come from the query string, as with .npy bodies (`POST /sample?n=4&seed=7`).
-        params = validate_params(params_type, query_fields(request), strict=False)
+        params = validate_params(params_type, dict(request.query_params), strict=False)
         arrays: dict[str, Any] = {}
         maybe_bools = False
     elif kind == codec.NPY:
         npy = codec.parse_npy(body)
-        params = validate_params(params_type, query_fields(request), strict=False)
+        params = validate_params(params_type, dict(request.query_params), strict=False)
         arrays = {}
         maybe_bools = False
     else:

@@ -26,7 +26,7 @@ from service.errors import ModelNotFound
 from service.manifest import GRAPH_FILES, MANIFEST_FILE, Manifest, ManifestError, read_manifest
 from service.metrics import Metrics
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
-from service.scoring import common_noise, one_hot
+from service.scoring import common_noise
 from service.settings import Settings
 from service.signing import load_public_keys, verify_folder
 
@@ -49,7 +49,9 @@ class LoadedModel:
         self.inv_scale = (1.0 / self.scale).astype(np.float32)
         self.identity = bool(np.all(self.shift == 0) and np.all(self.scale == 1))
         self.input_shape = tuple(self.manifest.input_shape)
-        self._class_index = {name: i for i, name in enumerate(self.manifest.classes or ())}
+        self.classes = self.manifest.classes or []
+        self.num_classes = len(self.classes)
+        self.class_index = {name: i for i, name in enumerate(self.classes)}
 
     @property
     def name(self) -> str:
@@ -77,20 +79,6 @@ class LoadedModel:
         out = y * self.scale
         out += self.shift
         return out
-
-    @property
-    def classes(self) -> list[str]:
-        return self.manifest.classes or []
-
-    @property
-    def class_index(self) -> dict[str, int]:
-        return self._class_index
-
-    def one_hot(self, labels: np.ndarray | None, repeat: int = 1) -> np.ndarray | None:
-        """Class indices [N] -> the one-hot rows [N * repeat, C] the graphs take after x or z."""
-        if labels is None:
-            return None
-        return one_hot(labels, self.manifest.num_classes, repeat)
 
     def data_range(self) -> tuple[np.ndarray, np.ndarray]:
         """The data space's range per feature, [shift, shift + scale] (pixels: 0..max), for pictures."""

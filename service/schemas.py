@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.manifest import NAME_PATTERN
 
@@ -20,8 +20,8 @@ Seed = Annotated[int | None, Field(None, ge=0, lt=2**63, description="seeds this
 Label = str | int
 LABEL_DOC = ("conditional models: the class, as GET /models/{name} lists them; one for every row, or a list with one "
              "per row. Required by a conditional model, refused by an unconditional one")
-LABELS_DOC = ("conditional models: one class per row (or `label`: one class for every row); in a query string, "
-              "comma-separated: labels=3,7,1")
+LABELS_DOC = ("conditional models: one class per row (or `label`: one class for every row); as one string (a query "
+              "string, a v2 parameter), comma-separated: labels=3,7,1")
 
 _DIGIT_ROW = [0, 0, 5, 13, 9, 1, 0, 0, 0, 0, 13, 15, 10, 15, 5, 0, 0, 3, 15, 2, 0, 11, 8, 0, 0, 4, 12, 0, 0, 8, 8,
               0, 0, 5, 8, 0, 0, 9, 8, 0, 0, 4, 11, 0, 1, 12, 7, 0, 0, 2, 14, 5, 10, 12, 0, 0, 0, 0, 6, 13, 10, 0,
@@ -44,8 +44,12 @@ class Common(BaseModel):
 
     @field_validator("label", "labels", mode="before")
     @classmethod
-    def _class_names(cls, value: Any) -> Any:
-        """One clear message for a label of the wrong type, instead of one per member of the union."""
+    def _class_names(cls, value: Any, info: ValidationInfo) -> Any:
+        """`labels` as one comma-separated string (query strings and v2 parameters are scalars), and one
+        clear message for a label of the wrong type, instead of one per member of the union."""
+        if info.field_name == "labels" and isinstance(value, str):
+            value = value.split(",")
+
         def ok(v: Any) -> bool:
             return isinstance(v, str | int) and not isinstance(v, bool)
         if value is None or ok(value) or (isinstance(value, list) and value and all(ok(v) for v in value)):

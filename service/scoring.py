@@ -32,11 +32,12 @@ def one_hot(labels: np.ndarray, num_classes: int, repeat: int = 1) -> np.ndarray
     return out
 
 
-def with_label(rows: np.ndarray, onehot: np.ndarray | None) -> np.ndarray:
-    """A conditional model's graph input [rows | one-hot label]; the rows as they are otherwise."""
-    if onehot is None:
+def with_label(rows: np.ndarray, labels: np.ndarray | None, num_classes: int, repeat: int = 1) -> np.ndarray:
+    """A conditional model's graph input [rows | one-hot label], each of the labels [N] repeated `repeat`
+    times to match rows [N * repeat, ...]; the rows as they are when there are no labels."""
+    if labels is None:
         return rows
-    return np.concatenate([rows, onehot], axis=1)
+    return np.concatenate([rows, one_hot(labels, num_classes, repeat)], axis=1)
 
 
 def _per_row(eps: np.ndarray) -> np.ndarray:
@@ -150,8 +151,7 @@ def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
     for start in range(0, len(x), step):
         xb = x[start : start + step]
         yb = None if labels is None else labels[start : start + step]
-        mean, logvar = encoder(with_label(xb, None if yb is None else one_hot(yb, num_classes)))
-        z = sample_latents(mean, logvar, eps)
-        (decoded,) = decoder(with_label(z, None if yb is None else one_hot(yb, num_classes, samples)))
+        mean, logvar = encoder(with_label(xb, yb, num_classes))
+        (decoded,) = decoder(with_label(sample_latents(mean, logvar, eps), yb, num_classes, samples))
         parts.append(served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar)[0])
     return np.concatenate(parts)

@@ -163,8 +163,6 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     request.binary_output = bool(params.get("binary_data_output", False))
     for key in PROTOCOL_PARAMETERS & params.keys():
         del params[key]
-    if isinstance(params.get("labels"), str):
-        params["labels"] = params["labels"].split(",")
     for key in ("model", "version"):
         if key in params:
             raise InvalidInput(f"parameters.{key}: the model and version come from the path", field=f"parameters.{key}")

@@ -129,16 +129,20 @@ def keygen_parser() -> argparse.ArgumentParser:
     return p
 
 
-def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vae-train evaluate",
-        description="Negative ELBO and importance-weighted -log p(x), nats per example, of a dataset split, "
-                    "computed with an exported model's graphs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", type=Path, help="model folder, e.g. models/digits/1")
+def _model_command(prog: str, description: str, model_help: str = "model folder, e.g. models/digits/1"
+                   ) -> argparse.ArgumentParser:
+    """A subcommand on one model folder that reads the data its manifest records (or the data given)."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", type=Path, help=model_help)
     p.add_argument("--dataset", choices=DATASETS, help="[default: the one recorded in the manifest]")
     p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = _model_command("vae-train evaluate", "Negative ELBO and importance-weighted -log p(x), nats per example, of "
+                       "a dataset split, computed with an exported model's graphs.")
     p.add_argument("--split", choices=("train", "val", "test"), default="val")
     p.add_argument("--samples", type=_positive(int), default=1000, help="K for the importance-weighted estimate")
     p.add_argument("--runtime", choices=("onnx", "torchscript"), default="onnx")
@@ -151,32 +155,20 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vae-train plot",
-        description="Draw what a model has learned, as PNG files: a sample grid, reconstructions beside their inputs, "
-                    "interpolation strips and a latent traversal (image models), a 2-D map of the encoded validation "
-                    "set coloured by label, and the training curves.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", type=Path, help="model folder, e.g. models/digits/1")
+    p = _model_command("vae-train plot", "Draw what a model has learned, as PNG files: a sample grid, reconstructions "
+                       "beside their inputs, interpolation strips and a latent traversal (image models), a 2-D map of "
+                       "the encoded validation set coloured by label, and the training curves.")
     p.add_argument("--out", type=Path, help="folder for the PNG files [default: docs/pictures/<name>-<version>]")
-    p.add_argument("--dataset", choices=DATASETS, help="[default: the one recorded in the manifest]")
-    p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
     p.add_argument("--seed", type=int, default=0, help="which samples and rows are drawn")
     return p
 
 
 def check_samples_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="vae-train check-samples",
-        description="A conditional model's samples, judged: a classifier trained on the model's training rows labels "
-                    "samples drawn for each class; prints the share labelled as the class asked for.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("model", type=Path, help="a conditional model's folder")
+    p = _model_command("vae-train check-samples", "A conditional model's samples, judged: a classifier trained on the "
+                       "model's training rows labels samples drawn for each class; prints the share labelled as the "
+                       "class asked for.", model_help="a conditional model's folder")
     p.add_argument("--per-class", type=_positive(int), default=100, help="samples drawn per class")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", metavar="PATH", help="[default: the path recorded in the manifest]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -337,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             from training.sample_check import check_samples
 
             args = check_samples_parser().parse_args(argv[1:])
-            r = check_samples(args.model, per_class=args.per_class, seed=args.seed, data=args.data)
+            r = check_samples(args.model, per_class=args.per_class, seed=args.seed, dataset=args.dataset,
+                              data=args.data)
             if args.json:
                 print(json.dumps(r))
             else:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from service.manifest import GRAPH_FILES, Manifest, read_manifest
 from service.runtime import Runtime, load_graph
-from service.scoring import log_likelihood, one_hot, sample_latents, scores, with_label
+from service.scoring import log_likelihood, sample_latents, scores, with_label
 from training.data import Dataset, load_dataset
 
 MAX_DECODER_ROWS = 32_768  # rows x samples decoded at once
@@ -109,7 +109,7 @@ def _log_weights(decoder: Any, xb: np.ndarray, mean: np.ndarray, logvar: np.ndar
     mean, logvar: [N, C, L], the encoder's for every row and class."""
     m, lv = mean[rows, classes], logvar[rows, classes]
     z = (m + np.exp(0.5 * lv) * eps).astype(np.float32)
-    (out,) = decoder(with_label(z, one_hot(classes, mean.shape[1])))
+    (out,) = decoder(with_label(z, classes, mean.shape[1]))
     log_px = log_likelihood(xb[rows], out, likelihood, decoder_logvar)
     log_pz = -0.5 * np.sum(np.log(2 * np.pi) + z.astype(np.float64) ** 2, axis=1)
     log_qz = -0.5 * np.sum(np.log(2 * np.pi) + lv + eps.astype(np.float64) ** 2, axis=1)
@@ -137,7 +137,7 @@ def evaluate_conditional(encoder: Any, decoder: Any, x: np.ndarray, labels: np.n
         yb = labels[start : start + chunk]
         n = len(xb)
         every = np.repeat(np.arange(n_classes)[None], n, axis=0).ravel()  # row i, class c at i * C + c
-        mean, logvar = encoder(with_label(np.repeat(xb, n_classes, axis=0), one_hot(every, n_classes)))
+        mean, logvar = encoder(with_label(np.repeat(xb, n_classes, axis=0), every, n_classes))
         mean, logvar = mean.reshape(n, n_classes, -1), logvar.reshape(n, n_classes, -1)
 
         pilot_rows = np.repeat(np.arange(n), n_classes * PILOT_SAMPLES)

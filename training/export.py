@@ -36,7 +36,7 @@ from service.manifest import (
     sha256_of,
 )
 from service.runtime import load_graph
-from service.scoring import one_hot, score_with_graphs, supports_complexity, with_label
+from service.scoring import score_with_graphs, supports_complexity, with_label
 from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
@@ -93,7 +93,7 @@ def decoder_logvar(model: VAE) -> float | list[float] | None:
 
 def _labelled(rows: np.ndarray, labels: np.ndarray | None, num_classes: int) -> np.ndarray:
     """Graph input rows: [rows | one-hot label] for a conditional model."""
-    return with_label(rows, None if labels is None else one_hot(labels[: len(rows)], num_classes))
+    return with_label(rows, None if labels is None else labels[: len(rows)], num_classes)
 
 
 def check_parity(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None) -> list[ParityCheck]:

@@ -17,7 +17,7 @@ import numpy as np
 from service.manifest import GRAPH_FILES, Manifest, read_manifest
 from service.pictures import picture
 from service.runtime import load_graph
-from service.scoring import one_hot, with_label
+from service.scoring import with_label
 from training.evaluate import recorded_dataset
 
 SAMPLES = 64
@@ -37,16 +37,17 @@ class Drawer:
         self.shift, self.scale = manifest.preprocessing.arrays()
 
     def _label(self, labels: np.ndarray | None, n: int) -> np.ndarray | None:
+        """Class indices for a conditional model (class 0 where none are given); None otherwise."""
         if not self.m.classes:
             return None
-        return one_hot(np.zeros(n, dtype=np.int64) if labels is None else labels, self.m.num_classes)
+        return np.zeros(n, dtype=np.int64) if labels is None else labels
 
     def encode(self, x: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         xm = ((x - self.shift) / self.scale).astype(np.float32)
-        return self.encoder(with_label(xm, self._label(labels, len(x))))[0]
+        return self.encoder(with_label(xm, self._label(labels, len(x)), self.m.num_classes))[0]
 
     def decode(self, z: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
-        (out,) = self.decoder(with_label(z.astype(np.float32), self._label(labels, len(z))))
+        (out,) = self.decoder(with_label(z.astype(np.float32), self._label(labels, len(z)), self.m.num_classes))
         return out * self.scale + self.shift
 
     def png(self, rows: np.ndarray, **kwargs: Any) -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 
 from service.manifest import GRAPH_FILES, read_manifest
 from service.runtime import load_graph
-from service.scoring import one_hot, with_label
+from service.scoring import with_label
 from training.evaluate import recorded_dataset
 
 CLASSIFIER_ROWS = 20_000  # training rows the judge sees at most (MNIST: a third, ~98 % accurate)
@@ -46,7 +46,7 @@ def check_samples(model_dir: Path, *, per_class: int = 100, seed: int = 0, datas
     for index, name in enumerate(manifest.classes):
         z = rng.standard_normal((per_class, manifest.latent_dim)).astype(np.float32)
         labels = np.full(per_class, index, dtype=np.int64)
-        (out,) = decoder(with_label(z, one_hot(labels, manifest.num_classes)))
+        (out,) = decoder(with_label(z, labels, manifest.num_classes))
         per_class_hits[name] = float(np.mean(judge.predict(out) == name))
     return {"model": manifest.name, "version": manifest.version, "samples_per_class": per_class,
             "classifier": "sklearn MLPClassifier(256), trained on the model's training rows",
