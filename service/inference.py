@@ -14,7 +14,7 @@ import numpy as np
 
 from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
-from service.scoring import binarize, sample_latents, served_score, with_label
+from service.scoring import sample_latents, served_score, with_label
 
 Payload = dict[str, Any]
 
@@ -110,8 +110,6 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
     """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
     (a conditional model scores -log p(x | label))."""
     xm = model.to_model_space(x)
-    if score == "complexity":
-        xm = binarize(xm)
     mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
     eps = model.noise(samples)
     (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), labels, model.num_classes, samples))

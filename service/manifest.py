@@ -67,6 +67,11 @@ class ParityCheck(Strict):
 
 
 ScoreName = Literal["elbo", "iwae", "complexity"]
+# The formula each calibration was computed with. "complexity" is the first complexity score (likelihood
+# of the binarised image minus its whole compressed length): exports that carry it still load, but their
+# complexity score is not served, since its quantiles describe another formula.
+Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2"]
+CURRENT_FORMULA: dict[str, str] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2"}
 
 
 class Calibration(Strict):
@@ -75,7 +80,7 @@ class Calibration(Strict):
     `levels[i]` of the held-out rows scored at most `values[i]`; higher scores are more anomalous.
     """
 
-    score: Literal["negative_elbo", "iwae", "complexity"] = "negative_elbo"
+    score: Formula = "negative_elbo"
     samples: int = Field(ge=1)
     seed: int
     n_rows: int = Field(ge=1)
@@ -133,7 +138,9 @@ class Manifest(Strict):
         return len(self.classes or ())
 
     def calibration_for(self, score: ScoreName) -> Calibration | None:
-        return self.calibration if score == "elbo" else self.calibrations.get(score)
+        """The score's calibration, if this export has one for the formula the service computes."""
+        calibration = self.calibration if score == "elbo" else self.calibrations.get(score)
+        return calibration if calibration is not None and calibration.score == CURRENT_FORMULA[score] else None
 
     @model_validator(mode="after")
     def _consistent(self) -> Manifest:

@@ -19,6 +19,7 @@ from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput
 from service.manifest import ScoreName
+from service.scoring import supports_complexity
 
 Payload = dict[str, Any]
 Work = Callable[[Call, AppState], Awaitable[Payload]]
@@ -95,8 +96,9 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     score: ScoreName = p.score or ("elbo" if p.samples in (None, 1) else "iwae")
     calibration = model.manifest.calibration_for(score)
     if calibration is None:
-        why = ("it is for Bernoulli image models" if score == "complexity" else "its export predates it; "
-               "export the model again")
+        image_model = supports_complexity(model.manifest.likelihood, model.manifest.input_shape)
+        why = ("it is for Bernoulli image models" if score == "complexity" and not image_model
+               else "its export predates the formula served now; export the model again")
         raise InvalidInput(f"model {model.name} v{model.version} has no {score!r} score ({why}); it serves "
                            f"{', '.join(['elbo', *model.manifest.calibrations])}", field="score")
     samples = p.samples or calibration.samples

@@ -130,3 +130,37 @@ async def test_every_score_is_served_as_calibrated_and_equals_the_offline_scorer
         assert r.status_code == 422 and "Bernoulli image models" in r.json()["error"]["message"]
         ok = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": "iwae"})
         assert ok.status_code == 200
+
+
+@pytest.mark.anyio
+async def test_the_complexity_score_is_the_likelihood_in_bits_minus_half_the_compressed_shape(tmp_path):
+    """Checked against its definition: the served iwae (same K, same noise) in bits, minus half the zlib
+    length of the bit-packed shape (pixels above half the maximum grey level)."""
+    import zlib
+
+    from tests.service_helpers import DEFAULT_MODEL
+
+    x = digits_rows(20, start=1500)
+    x[0] = 0.0  # a blank image: compresses to almost nothing
+    async with serving(DEFAULT_MODEL.parents[1], reload_interval=0) as (_, client):
+        iwae = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "iwae"})).json()
+        body = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "complexity"})).json()
+    bits = [8 * len(zlib.compress(np.packbits(row > 8.0).tobytes(), 9)) for row in x]
+    expected = np.asarray(iwae["score"]) / np.log(2.0) - 0.5 * np.asarray(bits)
+    np.testing.assert_allclose(body["score"], expected, rtol=1e-9)
+    assert body["samples"] == iwae["samples"] == 64
+
+    # An export calibrated for the first complexity formula still loads, but that score is refused
+    # (its quantiles describe another formula) while the others are served.
+    old = tmp_path / "repo" / "digits" / "1"
+    shutil.copytree(DEFAULT_MODEL, old)
+    manifest = json.loads((old / "model.json").read_text())
+    manifest["calibrations"]["complexity"]["score"] = "complexity"
+    (old / "model.json").write_text(json.dumps(manifest))
+    async with serving(old.parents[1], reload_interval=0) as (_, client):
+        r = await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "complexity"})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "score"
+        assert "predates the formula served now" in r.json()["error"]["message"]
+        assert (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "iwae"})).status_code == 200
+    with pytest.raises(DataError, match="no 'complexity' score"):
+        ServedScorer.load(old)(x, score="complexity")

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.manifest import (
+    CURRENT_FORMULA,
     DECODER_ONNX,
     DECODER_TS,
     ENCODER_ONNX,
@@ -145,7 +146,7 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", 
                                    decoder_logvar=decoder_logvar(model), labels=y_val,
                                    num_classes=model.cfg.num_classes)
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
-    return Calibration(score="negative_elbo" if score == "elbo" else score,  # type: ignore[arg-type]
+    return Calibration(score=CURRENT_FORMULA[score],  # type: ignore[arg-type]
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
                        levels=CALIBRATION_LEVELS.tolist(), values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
                        threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))
