@@ -17,6 +17,13 @@ import numpy as np
 LOG_2PI = math.log(2.0 * math.pi)
 LN2 = math.log(2.0)
 PROB_EPS = 1e-7  # decoders export probabilities; clip so log(0) cannot occur
+# Posterior log-variances are held to +-LOGVAR_BOUND before use. Rows like the data give |logvar| well
+# under 20; a row millions of standard deviations out can give one whose exp() overflows, and the
+# most anomalous row of all would score NaN and go unflagged.
+LOGVAR_BOUND = 30.0
+# What a score that still overflows is reported as: the largest float, so it ranks and flags as the most
+# anomalous (JSON has no infinity).
+SCORE_CEILING = float(np.finfo(np.float64).max)
 
 
 def common_noise(samples: int, latent_dim: int, seed: int) -> np.ndarray:
@@ -45,11 +52,17 @@ def _per_row(eps: np.ndarray) -> np.ndarray:
     return eps[None] if eps.ndim == 2 else eps
 
 
+def bounded(logvar: np.ndarray) -> np.ndarray:
+    """The encoder's log-variance within +-LOGVAR_BOUND, float64."""
+    return np.clip(logvar.astype(np.float64), -LOGVAR_BOUND, LOGVAR_BOUND)
+
+
 def sample_latents(mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
     """z [N*K, L]: row i's K samples are rows i*K .. i*K+K-1."""
-    std = np.exp(0.5 * logvar)
-    z = mean[:, None, :] + std[:, None, :] * _per_row(eps)
-    return z.reshape(-1, mean.shape[1]).astype(np.float32)
+    std = np.exp(0.5 * bounded(logvar))
+    with np.errstate(over="ignore"):  # a mean near float32's limit: z overflows to inf, its score to the ceiling
+        z = mean[:, None, :] + std[:, None, :] * _per_row(eps)
+        return z.reshape(-1, mean.shape[1]).astype(np.float32)
 
 
 def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
@@ -68,7 +81,7 @@ def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
 def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
     """KL(q(z|x) || N(0, I)) per row, nats."""
     mean = mean.astype(np.float64)
-    logvar = logvar.astype(np.float64)
+    logvar = bounded(logvar)
     return 0.5 * np.sum(mean**2 + np.exp(logvar) - 1.0 - logvar, axis=1)
 
 
@@ -81,6 +94,7 @@ def scores(x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
     reconstruction is -log p(x|z) averaged over the K samples; kl is analytic.
     """
     n, k = x.shape[0], eps.shape[-2]
+    logvar = bounded(logvar)
     x_rep = np.repeat(x, k, axis=0)
     log_px = log_likelihood(x_rep, output, likelihood, decoder_logvar).reshape(n, k)
     kl = gaussian_kl(mean, logvar)
@@ -122,14 +136,20 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
       bits) minus part (w = COMPLEXITY_WEIGHT) of a generic compressor's code length for the image's shape
       (Serra et al. 2020), so inputs that are merely simple (blank, constant) no longer look the most normal.
     """
-    iw, reconstruction, kl = scores(x, mean, logvar, eps, output, likelihood, decoder_logvar)
-    if score == "elbo":
-        return reconstruction + kl, reconstruction, kl
-    if score == "iwae":
-        return iw, reconstruction, kl
-    if score == "complexity":
-        return iw / LN2 - COMPLEXITY_WEIGHT * compressed_bits(x), reconstruction, kl
-    raise ValueError(f"unknown score {score!r}")
+    if score not in ("elbo", "iwae", "complexity"):
+        raise ValueError(f"unknown score {score!r}")
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected far from the data; see _finite
+        iw, reconstruction, kl = (_finite(a) for a in scores(x, mean, logvar, eps, output, likelihood, decoder_logvar))
+        if score == "elbo":
+            return _finite(reconstruction + kl), reconstruction, kl
+        if score == "iwae":
+            return iw, reconstruction, kl
+        return _finite(iw / LN2 - COMPLEXITY_WEIGHT * compressed_bits(x)), reconstruction, kl
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    """Overflowed scores (inf, or NaN from inf - inf) as SCORE_CEILING: the most anomalous, not unflagged."""
+    return np.nan_to_num(values, nan=SCORE_CEILING, posinf=SCORE_CEILING, neginf=-SCORE_CEILING)
 
 
 def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:

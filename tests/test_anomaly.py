@@ -164,3 +164,24 @@ async def test_the_complexity_score_is_the_likelihood_in_bits_minus_half_the_com
         assert (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": "iwae"})).status_code == 200
     with pytest.raises(DataError, match="no 'complexity' score"):
         ServedScorer.load(old)(x, score="complexity")
+
+
+@pytest.mark.anyio
+async def test_rows_far_outside_the_data_are_flagged_as_the_most_anomalous(tmp_path):
+    """A row millions of standard deviations out used to overflow the posterior variance and score NaN
+    (JSON null, not flagged): the most anomalous row went unnoticed."""
+    rows = np.random.default_rng(0).normal(size=(200, 5))
+    np.save(tmp_path / "t.npy", rows)
+    assert train_main(["--dataset", "npy", "--data", str(tmp_path / "t.npy"), "--epochs", "2",
+                       "--output", str(tmp_path / "repo"), "--name", "t", "--no-progress",
+                       "--checkpoint", str(tmp_path / "t.pt")]) == 0
+    far = [[1e6] * 5, [-1e30] * 5, [3e38] * 5]
+    async with serving(tmp_path / "repo", default_model="t", reload_interval=0) as (_, client):
+        for score in ("elbo", "iwae"):
+            r = await client.post("/anomaly-score", json={"inputs": [*far, rows[0].tolist()], "score": score})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert all(np.isfinite(body["score"])) and all(np.isfinite(body["kl"])), body
+            assert body["is_anomaly"] == [True, True, True, False]
+            assert body["percentile"][:3] == [100.0, 100.0, 100.0]
+            assert min(body["score"][:3]) > 1e6 * body["score"][3]

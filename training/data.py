@@ -109,11 +109,16 @@ def check_finite(x: np.ndarray, source: str) -> None:
 
 def fit_preprocessing(x_train: np.ndarray, likelihood: str) -> Preprocessing:
     """Tabular data: standardise for a Gaussian decoder, min-max to [0, 1] for a Bernoulli one."""
+    x = x_train.astype(np.float64)
     if likelihood == "gaussian":
-        shift, scale, kind = x_train.mean(axis=0), x_train.std(axis=0), "standardize"
+        shift, scale, kind = x.mean(axis=0), x.std(axis=0), "standardize"
     else:
-        shift, scale, kind = x_train.min(axis=0), x_train.max(axis=0) - x_train.min(axis=0), "minmax"
-    scale = np.where(scale > 1e-12, scale, 1.0)  # a constant column passes through unscaled
+        shift, scale, kind = x.min(axis=0), x.max(axis=0) - x.min(axis=0), "minmax"
+    # A constant column passes through unscaled. Constant is relative to the column's size: float32 rows
+    # give a constant column a rounding-level std (~1e-7 of its value), and dividing by that would put
+    # any other value millions of standard deviations out.
+    constant = scale <= 1e-6 * np.maximum(np.abs(x).max(axis=0), 1.0)
+    scale = np.where(constant, 1.0, scale)
     return Preprocessing(kind, shift.astype(np.float64), scale.astype(np.float64))
 
 
