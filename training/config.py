@@ -78,6 +78,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     trim: float = 0.0  # share of each batch's highest-loss rows left out of the step (contaminated data)
+    refit: float = 0.0  # share of rows a first fit scores worst, left out of a second fit from scratch
     binarize: Literal["none", "dynamic"] = "none"  # dynamic: x ~ Bernoulli(grey level), drawn anew every epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 100 by the last epoch
 

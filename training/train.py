@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from training.config import ModelConfig, TrainConfig
-from training.data import Dataset
+from training.data import Dataset, fit_preprocessing
 from training.model import VAE
 
 
@@ -151,3 +151,43 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_val_loss=best_val,
                        train_seconds=elapsed)
+
+
+@torch.no_grad()
+def row_losses(model: VAE, x: torch.Tensor, seed: int, y: torch.Tensor | None = None,
+               batch_size: int = 4096) -> np.ndarray:
+    """Each row's negative ELBO (beta = 1, one seeded sample), nats: how badly the model fits it."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    parts = [model.elbo(x[i : i + batch_size], generator=gen, y=None if y is None else y[i : i + batch_size]).loss
+             for i in range(0, len(x), batch_size)]
+    return torch.cat(parts).cpu().numpy()
+
+
+def without_worst(model: VAE, data: Dataset, share: float, seed: int, device: torch.device) -> tuple[Dataset, dict]:
+    """`data` less the `share` of its rows (training and validation alike, one cut-off) that `model` fits
+    worst: training data for anomaly detection holds anomalies, and a first fit ranks most of them at the
+    top. A table's scaling is fitted again on the rows kept, as a run on those rows alone would.
+    Returns the data and what was left out."""
+    def losses(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
+        xt = torch.from_numpy(data.preprocessing.apply(x)).to(device)
+        return row_losses(model, xt, seed, None if y is None else torch.from_numpy(y).to(device))
+
+    train_loss = losses(data.x_train, data.label_index_train)
+    val_loss = losses(data.x_val, data.label_index_val)
+    cut = float(np.quantile(np.concatenate([train_loss, val_loss]), 1.0 - share))
+    keep_train, keep_val = train_loss <= cut, val_loss <= cut
+
+    def pick(a: np.ndarray | None, keep: np.ndarray) -> np.ndarray | None:
+        return None if a is None else a[keep]
+
+    kept = replace(
+        data, x_train=data.x_train[keep_train], x_val=data.x_val[keep_val],
+        y_train=pick(data.y_train, keep_train), y_val=pick(data.y_val, keep_val),
+        label_index_train=pick(data.label_index_train, keep_train),
+        label_index_val=pick(data.label_index_val, keep_val))
+    if data.preprocessing.kind in ("standardize", "minmax"):
+        likelihood = "gaussian" if data.preprocessing.kind == "standardize" else "bernoulli"
+        kept.preprocessing = fit_preprocessing(kept.x_train, likelihood)
+    return kept, {"share": share, "cut_off_nats": cut, "train_rows_left_out": int((~keep_train).sum()),
+                  "val_rows_left_out": int((~keep_val).sum())}
