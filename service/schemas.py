@@ -122,8 +122,9 @@ class InterpolateRequest(InterpolateParams):
 class AnomalyParams(Common):
     score: Literal["elbo", "iwae", "complexity"] | None = Field(
         None, description="elbo: negative ELBO (nats); iwae: importance-weighted -log p(x) (nats); complexity "
-                          "(Bernoulli image models): -log2 p minus the input's compressed length, bits, robust to "
-                          "simple out-of-distribution inputs. null: elbo, or iwae when samples > 1")
+                          "(Bernoulli image models): -log2 p(x) minus half the compressed length of the image's "
+                          "shape, bits, robust to simple out-of-distribution inputs. "
+                          "null: elbo, or iwae when samples > 1")
     samples: int | None = Field(None, ge=1, description="K; null = the K the score was calibrated with "
                                                         "(1 for elbo, 64 for iwae and complexity)")
     threshold: float | None = Field(None, allow_inf_nan=False, description="null = the model's calibrated one")
