@@ -71,7 +71,7 @@ ScoreName = Literal["elbo", "iwae", "complexity"]
 # of the binarised image minus its whole compressed length): exports that carry it still load, but their
 # complexity score is not served, since its quantiles describe another formula.
 Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2"]
-CURRENT_FORMULA: dict[str, str] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2"}
+CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2"}
 
 
 class Calibration(Strict):

@@ -37,6 +37,12 @@ class Preprocessing:
     def to_dict(self) -> dict[str, object]:
         return {"kind": self.kind, "shift": self.shift.tolist(), "scale": self.scale.tolist()}
 
+    def fitted_to(self, x_train: np.ndarray) -> Preprocessing:
+        """The same kind of scaling fitted to other rows: a table's is fitted again; pixel scaling stays."""
+        if self.kind in FITTED_KINDS:
+            return fit_preprocessing(x_train, FITTED_KINDS[self.kind])
+        return self
+
 
 @dataclass
 class Dataset:
@@ -105,6 +111,9 @@ def check_finite(x: np.ndarray, source: str) -> None:
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise DataError(f"{source}: NaN or infinite value at row {row}, column {col} ({int(bad.sum())} in all)")
+
+
+FITTED_KINDS = {"standardize": "gaussian", "minmax": "bernoulli"}  # each kind fit_preprocessing makes, and for which likelihood
 
 
 def fit_preprocessing(x_train: np.ndarray, likelihood: str) -> Preprocessing:

@@ -34,6 +34,7 @@ from service.manifest import (
     Calibration,
     Manifest,
     ParityCheck,
+    ScoreName,
     sha256_of,
 )
 from service.runtime import load_graph
@@ -136,7 +137,7 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray 
     return checks
 
 
-def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", samples: int = 1,
+def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: ScoreName = "elbo", samples: int = 1,
               y_val: np.ndarray | None = None) -> Calibration:
     """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
     with the same fixed noise the service scores with (a conditional model: with the rows' labels)."""
@@ -146,7 +147,7 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: str = "elbo", 
                                    decoder_logvar=decoder_logvar(model), labels=y_val,
                                    num_classes=model.cfg.num_classes)
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
-    return Calibration(score=CURRENT_FORMULA[score],  # type: ignore[arg-type]
+    return Calibration(score=CURRENT_FORMULA[score],
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
                        levels=CALIBRATION_LEVELS.tolist(), values=values.tolist(), threshold_level=THRESHOLD_LEVEL,
                        threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))

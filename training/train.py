@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from training.config import ModelConfig, TrainConfig
-from training.data import Dataset, fit_preprocessing
-from training.model import VAE
+from training.data import Dataset
+from training.model import ELBO, VAE
 
 
 @dataclass
@@ -47,18 +47,22 @@ def resolve_device(device: str) -> torch.device:
 
 
 @torch.no_grad()
+def elbo_rows(model: VAE, x: torch.Tensor, seed: int = 0, y: torch.Tensor | None = None,
+              batch_size: int = 1024) -> ELBO:
+    """Each row's negative ELBO (beta = 1) and its terms, nats, one seeded sample per row."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    parts = [model.elbo(x[i : i + batch_size], beta=1.0, generator=gen, y=None if y is None else y[i : i + batch_size])
+             for i in range(0, len(x), batch_size)]
+    return ELBO(*(torch.cat([getattr(p, term) for p in parts]) for term in ("loss", "reconstruction", "kl")))
+
+
 def evaluate_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1024, seed: int = 0,
                   y: torch.Tensor | None = None) -> dict[str, float]:
     """Mean negative ELBO (beta = 1) and its terms over rows x, nats per example; noise seeded."""
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    totals = np.zeros(3)
-    for start in range(0, len(x), batch_size):
-        yb = None if y is None else y[start : start + batch_size]
-        e = model.elbo(x[start : start + batch_size], beta=1.0, generator=gen, y=yb)
-        totals += [e.loss.sum().item(), e.reconstruction.sum().item(), e.kl.sum().item()]
-    loss, rec, kl = totals / len(x)
-    return {"loss": float(loss), "reconstruction": float(rec), "kl": float(kl)}
+    e = elbo_rows(model, x, seed, y, batch_size)
+    return {"loss": e.loss.double().mean().item(), "reconstruction": e.reconstruction.double().mean().item(),
+            "kl": e.kl.double().mean().item()}
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -153,17 +157,6 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
                        train_seconds=elapsed)
 
 
-@torch.no_grad()
-def row_losses(model: VAE, x: torch.Tensor, seed: int, y: torch.Tensor | None = None,
-               batch_size: int = 4096) -> np.ndarray:
-    """Each row's negative ELBO (beta = 1, one seeded sample), nats: how badly the model fits it."""
-    model.eval()
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    parts = [model.elbo(x[i : i + batch_size], generator=gen, y=None if y is None else y[i : i + batch_size]).loss
-             for i in range(0, len(x), batch_size)]
-    return torch.cat(parts).cpu().numpy()
-
-
 def without_worst(model: VAE, data: Dataset, share: float, seed: int, device: torch.device) -> tuple[Dataset, dict]:
     """`data` less the `share` of its rows (training and validation alike, one cut-off) that `model` fits
     worst: training data for anomaly detection holds anomalies, and a first fit ranks most of them at the
@@ -171,7 +164,7 @@ def without_worst(model: VAE, data: Dataset, share: float, seed: int, device: to
     Returns the data and what was left out."""
     def losses(x: np.ndarray, y: np.ndarray | None) -> np.ndarray:
         xt = torch.from_numpy(data.preprocessing.apply(x)).to(device)
-        return row_losses(model, xt, seed, None if y is None else torch.from_numpy(y).to(device))
+        return elbo_rows(model, xt, seed, None if y is None else torch.from_numpy(y).to(device)).loss.cpu().numpy()
 
     train_loss = losses(data.x_train, data.label_index_train)
     val_loss = losses(data.x_val, data.label_index_val)
@@ -186,8 +179,6 @@ def without_worst(model: VAE, data: Dataset, share: float, seed: int, device: to
         y_train=pick(data.y_train, keep_train), y_val=pick(data.y_val, keep_val),
         label_index_train=pick(data.label_index_train, keep_train),
         label_index_val=pick(data.label_index_val, keep_val))
-    if data.preprocessing.kind in ("standardize", "minmax"):
-        likelihood = "gaussian" if data.preprocessing.kind == "standardize" else "bernoulli"
-        kept.preprocessing = fit_preprocessing(kept.x_train, likelihood)
+    kept.preprocessing = data.preprocessing.fitted_to(kept.x_train)
     return kept, {"share": share, "cut_off_nats": cut, "train_rows_left_out": int((~keep_train).sum()),
                   "val_rows_left_out": int((~keep_val).sum())}
