@@ -113,7 +113,8 @@ def check_finite(x: np.ndarray, source: str) -> None:
         raise DataError(f"{source}: NaN or infinite value at row {row}, column {col} ({int(bad.sum())} in all)")
 
 
-FITTED_KINDS = {"standardize": "gaussian", "minmax": "bernoulli"}  # each kind fit_preprocessing makes, and for which likelihood
+# Each kind of scaling fit_preprocessing makes, and the likelihood it makes it for.
+FITTED_KINDS = {"standardize": "gaussian", "minmax": "bernoulli"}
 
 
 def fit_preprocessing(x_train: np.ndarray, likelihood: str) -> Preprocessing:
