@@ -101,6 +101,23 @@ def test_quick_benchmark_on_one_shared_table(tmp_path):
     assert "| 38_thyroid | 3772 x 6 |" in markdown(result)
 
 
+def test_the_benchmark_chooses_the_score_as_the_service_does(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (380, 4)), rng.normal(5, 0.3, (20, 4))])
+    np.savez(tmp_path / "toy.npz", X=x, y=np.r_[np.zeros(380), np.ones(20)])
+    plain = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "3"], progress=False)
+    iwae = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "3"], samples=8, progress=False)
+    assert (plain["score"], iwae["score"]) == ("elbo", "iwae")
+    assert "VAE score `iwae`, K = 8" in markdown(iwae) and "VAE score `elbo`)" in markdown(plain)
+    # The same model and rows: elbo and iwae rank the planted cluster, and are measured as different scores.
+    runs = plain["sets"]["toy"]["runs"][0]["vae"], iwae["sets"]["toy"]["runs"][0]["vae"]
+    assert min(r["auroc"] for r in runs) > 0.95 and runs[0]["threshold"] != runs[1]["threshold"]
+    with pytest.raises(SystemExit) as exit_:
+        train_main(["benchmark-anomaly", "--data", str(tmp_path), "--seeds", "1", "--score", "unknown"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'unknown'" in capsys.readouterr().err
+
+
 @pytest.mark.anyio
 async def test_every_score_is_served_as_calibrated_and_equals_the_offline_scorer(tiny_repo):
     from tests.service_helpers import DEFAULT_MODEL

@@ -139,16 +139,17 @@ def _train_default(x_train: np.ndarray, root: Path, name: str, seed: int, extra:
 
 
 def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list[str] | None = None,
-              samples: int | None = None, progress: bool = True) -> dict[str, Any]:
+              score: ScoreName | None = None, samples: int | None = None, progress: bool = True) -> dict[str, Any]:
     """The shared protocol on every `*.npz` (X, y) in data_dir: per seed a 70/30 split stratified on y,
     training on the training split as it is (anomalies included, labels unused) with the defaults,
     test rows scored as served; IsolationForest(random_state=seed) on the same split, in the same run.
-    `samples`: score with K importance samples instead of the calibration's K (the AUROC and AUPRC of
-    the importance-weighted -log p(x); the threshold stays the calibration's)."""
+    `score` and `samples` are chosen as POST /anomaly-score chooses them: elbo by default, iwae when only
+    samples > 1 is given, each with its calibrated K unless `samples` says otherwise."""
     from sklearn.ensemble import IsolationForest
     from sklearn.model_selection import train_test_split
     from tqdm import tqdm
 
+    chosen: ScoreName = score or ("elbo" if samples in (None, 1) else "iwae")
     files = sorted(data_dir.glob("*.npz"))
     if not files:
         raise DataError(f"{data_dir}: no .npz files (each holding X and y)")
@@ -164,14 +165,15 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
                 folder = _train_default(x_train, Path(tmp) / f"s{seed}", path.stem.replace("_", "-"), seed,
                                         extra or [])
                 scorer = ServedScorer.load(folder)
-                vae = detection_metrics(y_test, scorer(x_test, samples), scorer.manifest.calibration.threshold)
+                calibration = scorer.calibration(chosen)
+                vae = detection_metrics(y_test, scorer(x_test, samples, chosen), calibration.threshold)
                 vae_seconds = time.time() - t0
                 forest = IsolationForest(random_state=seed).fit(x_train)
                 iforest = detection_metrics(y_test, -forest.score_samples(x_test), float("inf"))
                 runs.append({"seed": seed, "vae": vae, "iforest": iforest, "vae_seconds": round(vae_seconds, 2)})
             sets[path.stem] = _summary(runs, x.shape)
     wins = sum(s["vae_auroc_mean"] >= s["iforest_auroc_mean"] for s in sets.values())
-    return {"data": str(data_dir), "seeds": list(seeds), "extra_args": extra or [], "samples": samples,
+    return {"data": str(data_dir), "seeds": list(seeds), "extra_args": extra or [], "score": chosen, "samples": samples,
             "sets": sets, "wins": wins,
             "total": len(sets), "seconds": round(time.time() - started, 1)}
 
@@ -195,8 +197,9 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{'yes' if s['vae_auroc_mean'] >= s['iforest_auroc_mean'] else 'no'} |")
     lines.append("")
     seeds = ", ".join(map(str, result["seeds"]))
+    scored = f"`{result.get('score', 'elbo')}`" + (f", K = {result['samples']}" if result.get("samples") else "")
     lines.append(f"VAE at or above IsolationForest on {result['wins']} of {result['total']} sets (mean AUROC over "
-                 f"seeds {seeds}); run time {result['seconds']:.0f} s.")
+                 f"seeds {seeds}; VAE score {scored}); run time {result['seconds']:.0f} s.")
     return "\n".join(lines) + "\n"
 
 

@@ -189,8 +189,9 @@ def benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated split and training seeds")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and markdown go")
     p.add_argument("--train-args", default="", help="extra vae-train flags for an ablation, e.g. '--epochs 10'")
-    p.add_argument("--samples", type=_positive(int),
-                   help="score with K importance samples [default: the calibration's K, as served by default]")
+    p.add_argument("--score", choices=("elbo", "iwae"),
+                   help="the score to measure [default: elbo, or iwae when --samples > 1, as the service chooses]")
+    p.add_argument("--samples", type=_positive(int), help="K samples for the score [default: the calibration's K]")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -296,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
 
             args = benchmark_parser().parse_args(argv[1:])
             seeds = tuple(int(s) for s in args.seeds.split(","))
-            report = benchmark(args.data, seeds=seeds, extra=shlex.split(args.train_args), samples=args.samples,
-                               progress=not args.no_progress)
+            report = benchmark(args.data, seeds=seeds, extra=shlex.split(args.train_args), score=args.score,
+                               samples=args.samples, progress=not args.no_progress)
             print(markdown(report), end="")
             paths = write_report(report, args.out)
             print(f"results: {paths[0]}, {paths[1]}")
