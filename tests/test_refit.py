@@ -46,13 +46,22 @@ def test_tables_refit_by_default_and_the_manifest_records_it(tmp_path, capsys):
     manifest = json.loads((tmp_path / "m" / "t" / "1" / "model.json").read_text())
     refit = manifest["training"]["refit"]
     assert manifest["training"]["config"]["refit"] == refit["share"] == 0.1
+    assert manifest["training"]["config"]["beta"] == 4.0  # the table default KL weight
     assert manifest["training"]["data"]["train_rows"] + refit["train_rows_left_out"] == 850
     assert (tmp_path / "refit-ck.pt").exists()
 
     assert train_main(["--dataset", "npy", "--data", str(path), "--epochs", "1", "--refit", "0",
                        "--output", str(tmp_path / "m"), "--name", "t", "--no-progress",
                        "--checkpoint", str(tmp_path / "ck0.pt")]) == 0
-    assert json.loads((tmp_path / "m" / "t" / "2" / "model.json").read_text())["training"]["refit"] is None
+    second = json.loads((tmp_path / "m" / "t" / "2" / "model.json").read_text())["training"]
+    assert second["refit"] is None and second["config"]["beta"] == 4.0
     assert train_main(["--dataset", "npy", "--data", str(path), "--refit", "1", "--output", str(tmp_path / "m"),
                        "--no-progress"]) == 2
     assert "--refit must be in [0, 1), got 1.0" in capsys.readouterr().err
+    assert train_main(["--dataset", "npy", "--data", str(path), "--beta", "-1", "--output", str(tmp_path / "m"),
+                       "--no-progress"]) == 2
+    assert "--beta must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_images_keep_a_kl_weight_of_one(tiny_model):
+    assert json.loads((tiny_model / "model.json").read_text())["training"]["config"]["beta"] == 1.0
