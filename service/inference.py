@@ -2,7 +2,9 @@
 
 Inputs arrive already validated, in the caller's data space; outputs go back in data space.
 Randomness is drawn per request from its own seed, outside the graphs, so results never depend
-on what else shares a batch.
+on what else shares a batch. A row so far outside the model's data that a step overflows float32 is
+refused (422, naming the row) rather than answered with NaN, which JSON would carry as null; only
+/anomaly-score answers such rows, as the most anomalous.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from service.errors import InvalidInput
 from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
 from service.scoring import sample_latents, served_score, with_label
@@ -27,19 +30,36 @@ def _header(model: LoadedModel) -> Payload:
     return {"model": model.name, "version": model.version}
 
 
-async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
-    mean, logvar = await model.encoder(with_label(model.to_model_space(x), labels, model.num_classes))
+def _finite(values: np.ndarray, field: str, step: str, per_row: bool = True) -> np.ndarray:
+    """values [N, ...]; a 422 when any is inf or NaN, naming the first such row of `field` when
+    `per_row` (values[i] comes from field[i]), else the field."""
+    ok = np.isfinite(values).reshape(len(values), -1).all(axis=1)
+    if not ok.all():
+        where = f"{field}[{int(np.argmin(ok))}]" if per_row else field
+        raise InvalidInput(f"{where} is too far outside this model's data: {step} overflows float32 (POST "
+                           "/anomaly-score scores such rows as the most anomalous)", field=where)
+    return values
+
+
+async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None,
+                  field: str = "inputs") -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+    xm = _finite(model.to_model_space(x), field, "the model's scaling of it")
+    mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
+    _finite(np.concatenate([mean, logvar], axis=1), field, "the encoder's output for it")
     if not sample:
         return mean, logvar, mean, None
     used = _seed(seed)
     eps = np.random.default_rng(used).standard_normal(mean.shape, dtype=np.float32)
-    return mean, logvar, mean + np.exp(0.5 * logvar) * eps, used
+    with np.errstate(over="ignore"):
+        z = mean + np.exp(0.5 * logvar) * eps
+    return mean, logvar, _finite(z, field, "its sampled latent"), used
 
 
-async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None, field: str,
+                  per_row: bool = True) -> np.ndarray:
     (out,) = await model.decoder(with_label(z, labels, model.num_classes))
-    return model.to_data_space(out)
+    with np.errstate(over="ignore"):
+        return _finite(model.to_data_space(out), field, "the decoder's output for it", per_row)
 
 
 async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
@@ -49,13 +69,13 @@ async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int |
 
 
 async def decode(model: LoadedModel, *, z: np.ndarray, labels: np.ndarray | None = None) -> Payload:
-    return {**_header(model), "outputs": await _decode(model, z, labels)}
+    return {**_header(model), "outputs": await _decode(model, z, labels, "latents")}
 
 
 async def reconstruct(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
                       labels: np.ndarray | None = None) -> Payload:
     _, _, z, used = await _encode(model, x, sample, seed, labels)
-    return {**_header(model), "outputs": await _decode(model, z, labels), "latents": z, "seed": used}
+    return {**_header(model), "outputs": await _decode(model, z, labels, "inputs"), "latents": z, "seed": used}
 
 
 async def sample(model: LoadedModel, *, n: int, seed: int | None, temperature: float,
@@ -63,7 +83,8 @@ async def sample(model: LoadedModel, *, n: int, seed: int | None, temperature: f
     """The same seed gives the same latents whatever the labels: a label changes only what is drawn."""
     used = _seed(seed)
     z = temperature * np.random.default_rng(used).standard_normal((n, model.latent_dim), dtype=np.float32)
-    payload = {**_header(model), "outputs": await _decode(model, z, labels), "latents": z, "seed": used}
+    outputs = await _decode(model, z, labels, "temperature", per_row=False)
+    payload = {**_header(model), "outputs": outputs, "latents": z, "seed": used}
     if labels is not None:
         payload["labels"] = [model.classes[i] for i in labels.tolist()]
     return payload
@@ -93,15 +114,18 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     A conditional model's path keeps one class (`label`, an index) from end to end."""
     labels = None if label is None else np.full(steps, label, dtype=np.int64)
     if start is not None and end is not None:
-        ends = model.to_model_space(np.concatenate([start, end]))
+        field = "start, end"
+        ends = _finite(model.to_model_space(np.concatenate([start, end])), field, "the model's scaling", False)
         mean, _ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
-        a, b = mean[0], mean[1]
+        a, b = _finite(mean, field, "the encoder's output", False)
     else:
         assert start_latent is not None and end_latent is not None
+        field = "start_latent, end_latent"
         a, b = start_latent[0], end_latent[0]
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
     z = slerp(a, b, t) if method == "slerp" else lerp(a, b, t)
-    return {**_header(model), "t": t, "latents": z, "outputs": await _decode(model, z, labels)}
+    return {**_header(model), "t": t, "latents": z,
+            "outputs": await _decode(model, z, labels, field, per_row=False)}
 
 
 async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,

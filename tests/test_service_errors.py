@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -127,3 +128,39 @@ async def test_unknown_model_info(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = await client.get("/models/digits?version=abc")
     assert r.status_code == 422 and r.json()["error"]["field"] == "version"
+
+
+async def test_rows_that_overflow_the_model_get_a_422_naming_them_not_null(tmp_path):
+    """A table model's scaling and linear layers carry a huge value through: the answer would be inf or
+    NaN (JSON null). Every endpoint but /anomaly-score (which flags such rows) refuses the row by index."""
+    from training.cli import main as train_main
+
+    rows = np.random.default_rng(0).normal(scale=0.01, size=(200, 5))  # scaling multiplies by ~100
+    np.save(tmp_path / "t.npy", rows)
+    assert train_main(["--dataset", "npy", "--data", str(tmp_path / "t.npy"), "--epochs", "2", "--refit", "0",
+                       "--output", str(tmp_path / "repo"), "--name", "t", "--no-progress",
+                       "--checkpoint", str(tmp_path / "t.pt")]) == 0
+    near, far = rows[0].tolist(), [3e38] * 5
+    scaling = json.loads((tmp_path / "repo" / "t" / "1" / "model.json").read_text())["preprocessing"]
+    # Just inside float32 once scaled, with alternating signs: some unit of the first layer overflows.
+    edge = (np.array(scaling["shift"]) + 0.9 * np.finfo(np.float32).max * np.array(scaling["scale"])
+            * np.array([1, -1, 1, -1, 1])).tolist()
+    cases = [
+        ("/encode", {"inputs": [near, far]}, "inputs[1]", "the model's scaling of it overflows float32"),
+        ("/encode", {"inputs": [near, edge]}, "inputs[1]", "the encoder's output for it overflows"),
+        ("/encode", {"inputs": [near, [1e36] * 5], "sample": True}, "inputs[1]", "its sampled latent overflows"),
+        ("/reconstruct", {"inputs": [far], "sample": True}, "inputs[0]", "the model's scaling of it overflows"),
+        ("/decode", {"latents": [[0.0] * 16, [3e38] * 16]}, "latents[1]", "the decoder's output for it"),
+        ("/interpolate", {"start": far, "end": near, "steps": 3}, "start, end", "overflows float32"),
+    ]
+    async with serving(tmp_path / "repo", default_model="t", reload_interval=0) as (_, client):
+        for path, body, field, message in cases:
+            r = await client.post(path, json=body)
+            assert r.status_code == 422, (path, r.text)
+            error = r.json()["error"]
+            assert error["field"] == field and message in error["message"], (path, error)
+            assert "/anomaly-score scores such rows" in error["message"]
+        ok = await client.post("/reconstruct", json={"inputs": [near]})
+        assert ok.status_code == 200 and np.isfinite(ok.json()["outputs"]).all()
+        flagged = (await client.post("/anomaly-score", json={"inputs": [far]})).json()
+        assert flagged["is_anomaly"] == [True]
