@@ -100,3 +100,30 @@ def test_a_short_real_run_writes_its_report(tmp_path):
     assert run["service"]["no_batching"][MNIST_NAME]["encode 1 row c=64"]["mean_batch"] == 1
     assert result.with_suffix(".md").exists() and result.with_suffix(".png").exists()
     assert "Peers not measured in this run: --quick" in result.with_suffix(".md").read_text()
+
+
+def test_the_ood_benchmark_reports_every_score_for_every_kind_and_class(tmp_path, capsys):
+    """`python -m bench.ood` on a stand-in for MNIST (sklearn's digits upscaled to 28x28, with labels)."""
+    import numpy as np
+    from scipy.ndimage import zoom
+    from sklearn.datasets import load_digits
+
+    from bench.ood import SCORES, main
+
+    digits = load_digits()
+    images = np.stack([np.pad(zoom(im, 3, order=1), 2) for im in digits.images]) / 16.0 * 255.0
+    images = np.clip(images, 0, 255).astype(np.uint8)
+    np.savez(tmp_path / "mnist.npz", x_train=images[:600], y_train=digits.target[:600],
+             x_test=images[600:], y_test=digits.target[600:])
+    assert main(["--mnist", str(tmp_path / "mnist.npz"), "--classes", "7", "--epochs", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    (result_file,) = (tmp_path / "out").glob("ood_*.json")
+    result = json.loads(result_file.read_text())
+    assert set(result["simple"]) == {"blank", "constant", "blurred", "digits 8x8 upscaled", "inverted"}
+    assert set(result["held_out"]) == {"7"}
+    for row in [*result["simple"].values(), *result["held_out"].values()]:
+        assert set(row) == set(SCORES) and all(0.0 <= v <= 1.0 for v in row.values())
+    # The upscaled digits are this model's own data, so it cannot tell them from its test rows.
+    assert abs(result["simple"]["digits 8x8 upscaled"]["elbo"] - 0.5) < 0.2
+    out = capsys.readouterr().out
+    assert "| held-out class | 7 | mean |" in out and "| `complexity` |" in out

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from bench.ood import simple_inputs
 from tests.conftest import SHARED
 from training.anomaly import ServedScorer
 from training.cli import main as train_main
@@ -17,21 +18,6 @@ from training.data import load_mnist
 
 MNIST = SHARED / "data" / "mnist"
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not MNIST.is_dir(), reason="../shared/data/mnist is not present")]
-
-
-def simple_inputs(mnist_test: np.ndarray) -> dict[str, np.ndarray]:
-    from scipy.ndimage import gaussian_filter, zoom
-    from sklearn.datasets import load_digits
-
-    rng = np.random.default_rng(0)
-    digits = load_digits().images[:300] / 16.0 * 255.0
-    return {
-        "blank": np.zeros((100, 784)),
-        "constant": np.repeat(rng.uniform(0, 255, (100, 1)), 784, axis=1),
-        "blurred": np.stack([gaussian_filter(im.reshape(28, 28), 1.5) for im in mnist_test[:300]]).reshape(300, -1),
-        "digits 8x8 upscaled": np.stack([np.pad(zoom(im, 3, order=1), 2) for im in digits]).reshape(300, -1),
-        "inverted": 255.0 - mnist_test[300:600],
-    }
 
 
 def auroc_by_kind(tmp_path: Path) -> dict[tuple[str, str], float]:
