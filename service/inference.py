@@ -30,7 +30,7 @@ def _header(model: LoadedModel) -> Payload:
     return {"model": model.name, "version": model.version}
 
 
-def _finite(values: np.ndarray, field: str, step: str, per_row: bool = True) -> np.ndarray:
+def _within_float32(values: np.ndarray, field: str, step: str, per_row: bool = True) -> np.ndarray:
     """values [N, ...]; a 422 when any is inf or NaN, naming the first such row of `field` when
     `per_row` (values[i] comes from field[i]), else the field."""
     ok = np.isfinite(values).reshape(len(values), -1).all(axis=1)
@@ -43,23 +43,24 @@ def _finite(values: np.ndarray, field: str, step: str, per_row: bool = True) -> 
 
 async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None,
                   field: str = "inputs") -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
-    xm = _finite(model.to_model_space(x), field, "the model's scaling of it")
+    xm = _within_float32(model.to_model_space(x), field, "the model's scaling of it")
     mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
-    _finite(np.concatenate([mean, logvar], axis=1), field, "the encoder's output for it")
+    for out in (mean, logvar):
+        _within_float32(out, field, "the encoder's output for it")
     if not sample:
         return mean, logvar, mean, None
     used = _seed(seed)
     eps = np.random.default_rng(used).standard_normal(mean.shape, dtype=np.float32)
     with np.errstate(over="ignore"):
         z = mean + np.exp(0.5 * logvar) * eps
-    return mean, logvar, _finite(z, field, "its sampled latent"), used
+    return mean, logvar, _within_float32(z, field, "its sampled latent"), used
 
 
 async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None, field: str,
                   per_row: bool = True) -> np.ndarray:
     (out,) = await model.decoder(with_label(z, labels, model.num_classes))
     with np.errstate(over="ignore"):
-        return _finite(model.to_data_space(out), field, "the decoder's output for it", per_row)
+        return _within_float32(model.to_data_space(out), field, "the decoder's output for it", per_row)
 
 
 async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
@@ -115,9 +116,9 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     labels = None if label is None else np.full(steps, label, dtype=np.int64)
     if start is not None and end is not None:
         field = "start, end"
-        ends = _finite(model.to_model_space(np.concatenate([start, end])), field, "the model's scaling", False)
+        ends = _within_float32(model.to_model_space(np.concatenate([start, end])), field, "the model's scaling", False)
         mean, _ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
-        a, b = _finite(mean, field, "the encoder's output", False)
+        a, b = _within_float32(mean, field, "the encoder's output", False)
     else:
         assert start_latent is not None and end_latent is not None
         field = "start_latent, end_latent"

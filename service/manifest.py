@@ -74,6 +74,11 @@ Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2"]
 CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2"}
 
 
+def score_asked(score: ScoreName | None, samples: int | None) -> ScoreName:
+    """The score a request means: the one it names, else elbo, or iwae when it asks for samples > 1."""
+    return score or ("elbo" if samples in (None, 1) else "iwae")
+
+
 class Calibration(Strict):
     """Quantiles of per-row anomaly scores on held-out rows (pyod's threshold_ convention).
 

@@ -18,7 +18,7 @@ from service import inference, schemas
 from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput
-from service.manifest import ScoreName
+from service.manifest import score_asked
 from service.scoring import supports_complexity
 
 Payload = dict[str, Any]
@@ -93,7 +93,7 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     p = call.params
     s = call.settings
     model = call.model
-    score: ScoreName = p.score or ("elbo" if p.samples in (None, 1) else "iwae")
+    score = score_asked(p.score, p.samples)
     calibration = model.manifest.calibration_for(score)
     if calibration is None:
         image_model = supports_complexity(model.manifest.likelihood, model.manifest.input_shape)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import GRAPH_FILES, Calibration, Manifest, ScoreName, read_manifest
+from service.manifest import GRAPH_FILES, Calibration, Manifest, ScoreName, read_manifest, score_asked
 from service.runtime import Runtime, load_graph
 from service.scoring import score_with_graphs
 from training.data import DataError, check_finite, read_csv_table
@@ -149,7 +149,7 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
     from sklearn.model_selection import train_test_split
     from tqdm import tqdm
 
-    chosen: ScoreName = score or ("elbo" if samples in (None, 1) else "iwae")
+    chosen = score_asked(score, samples)
     files = sorted(data_dir.glob("*.npz"))
     if not files:
         raise DataError(f"{data_dir}: no .npz files (each holding X and y)")
