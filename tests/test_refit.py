@@ -65,3 +65,13 @@ def test_tables_refit_by_default_and_the_manifest_records_it(tmp_path, capsys):
 
 def test_images_keep_a_kl_weight_of_one(tiny_model):
     assert json.loads((tiny_model / "model.json").read_text())["training"]["config"]["beta"] == 1.0
+
+
+def test_a_table_smaller_than_a_batch_trains_in_batches_of_an_eighth(tmp_path):
+    path = contaminated(tmp_path, n_normal=95, n_anomalies=5)
+    assert train_main(["--dataset", "npy", "--data", str(path), "--epochs", "1", "--output", str(tmp_path / "m"),
+                       "--name", "t", "--no-progress", "--checkpoint", str(tmp_path / "ck.pt")]) == 0
+    training = json.loads((tmp_path / "m" / "t" / "1" / "model.json").read_text())["training"]
+    assert training["config"]["batch_size"] == 11  # 85 training rows in 8 steps per epoch
+    assert train_main(["--dataset", "npy", "--data", str(path), "--batch-size", "86", "--output", str(tmp_path / "m"),
+                       "--no-progress"]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shlex
 import sys
@@ -27,8 +28,17 @@ IMAGE_DATASETS = ("digits", "mnist")
 # on its own scale.
 IMAGE_DEFAULTS: dict[str, Any] = {"epochs": 30, "trim": 0.0, "refit": 0.0, "beta": 1.0, "per_feature_logvar": False,
                                   "hidden": (128,), "latent_dim": 8}
+# A small data set (a table of a few hundred rows) in batches of 128 would get one or two steps per epoch
+# and stay untrained after the default epochs; its batches shrink so every epoch takes at least this many.
+DEFAULT_BATCH_SIZE = 128
+MIN_STEPS_PER_EPOCH = 8
 TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.1, "refit": 0.1, "beta": 4.0, "per_feature_logvar": True,
                                   "hidden": (128, 64), "latent_dim": 16}
+
+
+def default_batch_size(train_rows: int) -> int:
+    """DEFAULT_BATCH_SIZE, or for a small data set one that gives MIN_STEPS_PER_EPOCH steps per epoch."""
+    return max(1, min(DEFAULT_BATCH_SIZE, math.ceil(train_rows / MIN_STEPS_PER_EPOCH)))
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -98,7 +108,10 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--refit", type=float, metavar="SHARE",
                    help="train twice: the second fit, from scratch, leaves out this share of rows that the first "
                         "fit scores worst (likely anomalies) [default: 0 for images, 0.1 for csv/npy]")
-    t.add_argument("--batch-size", type=_positive(int), default=128)
+    t.add_argument("--batch-size", type=_positive(int),
+                   help=f"rows per step [default: {DEFAULT_BATCH_SIZE}, or for fewer than "
+                        f"{DEFAULT_BATCH_SIZE * MIN_STEPS_PER_EPOCH} training rows, a size that still gives "
+                        f"{MIN_STEPS_PER_EPOCH} steps per epoch]")
     t.add_argument("--lr", type=_positive(float), default=1e-3)
     t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                    help="cosine: decay the learning rate to lr/100 by the last epoch")
@@ -215,7 +228,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     likelihood = args.likelihood or ("bernoulli" if args.dataset in IMAGE_DATASETS else "gaussian")
     data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
                         val_fraction=args.val_fraction, label_column=args.label_column,
-                        min_rows=args.batch_size, labels=args.labels)
+                        min_rows=args.batch_size or 1, labels=args.labels)
     if args.conditional:
         data.with_classes()
     if args.binarize == "dynamic" and likelihood != "bernoulli":
@@ -245,7 +258,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     for flag, share in (("--trim", trim), ("--refit", refit)):
         if not 0.0 <= share < 1.0:
             raise DataError(f"{flag} must be in [0, 1), got {share}")
-    cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), trim=trim, refit=refit, batch_size=args.batch_size,
+    batch_size = args.batch_size or default_batch_size(len(data.x_train))
+    cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), trim=trim, refit=refit, batch_size=batch_size,
                       lr=args.lr, beta=beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
     name = args.name or args.dataset
