@@ -127,3 +127,30 @@ def test_the_ood_benchmark_reports_every_score_for_every_kind_and_class(tmp_path
     assert abs(result["simple"]["digits 8x8 upscaled"]["elbo"] - 0.5) < 0.2
     out = capsys.readouterr().out
     assert "| held-out class | 7 | mean |" in out and "| `complexity` |" in out
+
+
+def test_the_extra_anomaly_tables_are_built_one_class_out_and_the_same_every_run(tmp_path, capsys):
+    """`python -m bench.tables` on a stand-in MNIST: zeros are dark noise, sixes bright noise, threes any."""
+    import numpy as np
+
+    from bench.tables import main
+
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 6, 3], 800)
+    images = rng.integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    images[labels == 0] //= 2
+    images[labels == 6] = images[labels == 6] // 2 + 128
+    np.savez(tmp_path / "mnist.npz", x_train=images, y_train=labels, x_test=images[:10], y_test=labels[:10])
+    for out in ("a", "b"):
+        assert main([str(tmp_path / out), "--mnist", str(tmp_path / "mnist.npz")]) == 0
+    expected = {"wdbc": (367, 30, 10), "wine": (129, 13, 10), "optdigits": (1667, 64, 48), "mnist": (1500, 100, 700)}
+    for name, (rows, features, anomalies) in expected.items():
+        a, b = np.load(tmp_path / "a" / f"{name}.npz"), np.load(tmp_path / "b" / f"{name}.npz")
+        assert a["X"].shape == (rows, features) and int(a["y"].sum()) == anomalies
+        assert (a["X"] == b["X"]).all() and (a["y"] == b["y"]).all()
+        assert (a["y"][: rows - anomalies] == 0).all()
+    # The normal rows are the zeros and the anomalies are distinct sixes; no three is in it.
+    mnist = np.load(tmp_path / "a" / "mnist.npz")
+    assert mnist["X"][:800].max() < 128 <= mnist["X"][800:].min() and len(np.unique(mnist["X"][800:], axis=0)) == 700
+    assert main([str(tmp_path / "c"), "--mnist", str(tmp_path / "none")]) == 0
+    assert sorted(p.stem for p in (tmp_path / "c").glob("*.npz")) == ["optdigits", "wdbc", "wine"]
