@@ -42,9 +42,12 @@ def test_tables_refit_by_default_and_the_manifest_records_it(tmp_path, capsys):
     path = contaminated(tmp_path)
     assert train_main(["--dataset", "npy", "--data", str(path), "--epochs", "3", "--output", str(tmp_path / "m"),
                        "--name", "t", "--no-progress", "--checkpoint", str(tmp_path / "ck.pt")]) == 0
-    assert "training again from scratch" in capsys.readouterr().out
+    assert "the first fit (1 epoch) scores worst" in capsys.readouterr().out
     manifest = json.loads((tmp_path / "m" / "t" / "1" / "model.json").read_text())
     refit = manifest["training"]["refit"]
+    # The first fit is a quarter of the epochs (at least one); its checkpoint holds that many.
+    assert refit["first_fit_epochs"] == 1 and len(torch.load(tmp_path / "ck.pt")["history"]) == 1
+    assert len(torch.load(tmp_path / "refit-ck.pt")["history"]) == 3
     assert manifest["training"]["config"]["refit"] == refit["share"] == 0.1
     assert manifest["training"]["config"]["beta"] == 4.0  # the table default KL weight
     assert manifest["training"]["data"]["train_rows"] + refit["train_rows_left_out"] == 850
@@ -61,6 +64,16 @@ def test_tables_refit_by_default_and_the_manifest_records_it(tmp_path, capsys):
     assert train_main(["--dataset", "npy", "--data", str(path), "--beta", "-1", "--output", str(tmp_path / "m"),
                        "--no-progress"]) == 2
     assert "--beta must be >= 0, got -1.0" in capsys.readouterr().err
+
+
+def test_the_first_fit_is_a_quarter_of_the_epochs_unless_given(tmp_path):
+    assert TrainConfig(epochs=20).first_fit() == TrainConfig(epochs=5)
+    assert TrainConfig(epochs=20, refit=0.1, first_fit_epochs=7).first_fit().epochs == 7
+    assert TrainConfig(epochs=2, refit=0.1).first_fit().epochs == 1
+    assert train_main(["--dataset", "npy", "--data", str(contaminated(tmp_path)), "--epochs", "3",
+                       "--first-fit-epochs", "2", "--output", str(tmp_path / "m"), "--no-progress",
+                       "--checkpoint", str(tmp_path / "ck.pt")]) == 0
+    assert len(torch.load(tmp_path / "ck.pt")["history"]) == 2
 
 
 def test_images_keep_a_kl_weight_of_one(tiny_model):

@@ -22,10 +22,10 @@ from training.data import DATASETS, DataError, load_dataset
 IMAGE_DATASETS = ("digits", "mnist")
 # Defaults that differ between images and tables. For tables they were chosen with
 # `vae-train benchmark-anomaly` on the ADBench sets (README: the ablation): training data for anomaly
-# detection holds anomalies, so fewer epochs, a trimmed loss and a second fit without the rows the first
-# fits worst keep the model from learning them; a KL weight of 4 makes the latent code costly, so rows off
-# the bulk of the data are not explained away through it; and a variance per feature scores each feature
-# on its own scale.
+# detection holds anomalies, so fewer epochs, a trimmed loss and a second fit without the rows a short
+# first fit (TrainConfig.first_fit) scores worst keep the model from learning them; a KL weight of 4
+# makes the latent code costly, so rows off the bulk of the data are not explained away through it; and
+# a variance per feature scores each feature on its own scale.
 IMAGE_DEFAULTS: dict[str, Any] = {"epochs": 30, "trim": 0.0, "refit": 0.0, "beta": 1.0, "per_feature_logvar": False,
                                   "hidden": (128,), "latent_dim": 8}
 # A small data set (a table of a few hundred rows) in batches of 128 would get one or two steps per epoch
@@ -108,6 +108,10 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--refit", type=float, metavar="SHARE",
                    help="train twice: the second fit, from scratch, leaves out this share of rows that the first "
                         "fit scores worst (likely anomalies) [default: 0 for images, 0.1 for csv/npy]")
+    t.add_argument("--first-fit-epochs", type=_positive(int), metavar="N",
+                   help="with --refit, epochs of the first fit, the one that picks the rows to leave out: a network "
+                        "fits the bulk of the data before its rarer rows, so a short fit ranks them best "
+                        "[default: a quarter of --epochs]")
     t.add_argument("--batch-size", type=_positive(int),
                    help=f"rows per step [default: {DEFAULT_BATCH_SIZE}, or for fewer than "
                         f"{DEFAULT_BATCH_SIZE * MIN_STEPS_PER_EPOCH} training rows, a size that still gives "
@@ -259,7 +263,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         if not 0.0 <= share < 1.0:
             raise DataError(f"{flag} must be in [0, 1), got {share}")
     batch_size = args.batch_size or default_batch_size(len(data.x_train))
-    cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), trim=trim, refit=refit, batch_size=batch_size,
+    cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), first_fit_epochs=args.first_fit_epochs or 0,
+                      trim=trim, refit=refit, batch_size=batch_size,
                       lr=args.lr, beta=beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
     name = args.name or args.dataset
@@ -267,14 +272,16 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
     print(f"training {args.arch} VAE on {args.dataset}: {len(data.x_train)} train / {len(data.x_val)} val rows, "
           f"input {list(data.input_shape)}, latent {args.latent_dim}, {likelihood}, device {device}")
-    result = train(data, model_cfg, cfg, device=device, checkpoint=checkpoint, resume=args.resume,
+    first = cfg.first_fit() if cfg.refit > 0 else cfg
+    result = train(data, model_cfg, first, device=device, checkpoint=checkpoint, resume=args.resume,
                    progress=not args.no_progress)
     refitted: dict[str, Any] | None = None
     if cfg.refit > 0:
         data, refitted = without_worst(result.model, data, cfg.refit, cfg.seed, device)
-        refitted["first_fit_seconds"] = round(result.train_seconds, 2)
-        print(f"refit: leaving out the {cfg.refit:.0%} of rows the first fit scores worst (-ELBO above "
-              f"{refitted['cut_off_nats']:.2f} nats: {refitted['train_rows_left_out']} training, "
+        refitted.update(first_fit_epochs=first.epochs, first_fit_seconds=round(result.train_seconds, 2))
+        print(f"refit: leaving out the {cfg.refit:.0%} of rows the first fit ({first.epochs} epoch"
+              f"{'s' if first.epochs > 1 else ''}) scores worst "
+              f"(-ELBO above {refitted['cut_off_nats']:.2f} nats: {refitted['train_rows_left_out']} training, "
               f"{refitted['val_rows_left_out']} validation rows) and training again from scratch")
         result = train(data, model_cfg, cfg, device=device, checkpoint=checkpoint.with_name(f"refit-{checkpoint.name}"),
                        resume=args.resume, progress=not args.no_progress)

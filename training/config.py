@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 Arch = Literal["mlp", "conv"]
@@ -79,8 +79,14 @@ class TrainConfig:
     val_fraction: float = 0.1
     trim: float = 0.0  # share of each batch's highest-loss rows left out of the step (contaminated data)
     refit: float = 0.0  # share of rows a first fit scores worst, left out of a second fit from scratch
+    first_fit_epochs: int = 0  # epochs of that first fit; 0: a quarter of `epochs`
     binarize: Literal["none", "dynamic"] = "none"  # dynamic: x ~ Bernoulli(grey level), drawn anew every epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 100 by the last epoch
+
+    def first_fit(self) -> TrainConfig:
+        """The config of a refit's first fit: short, since a network fits the bulk of the data before its
+        rarer rows (Arpit et al. 2017), so an early model ranks the rows that do not belong worst."""
+        return replace(self, epochs=self.first_fit_epochs or max(1, self.epochs // 4), refit=0.0)
 
     def lr_at(self, epoch: int) -> float:
         """Learning rate for a 0-based epoch."""
