@@ -66,7 +66,7 @@ def test_tables_refit_by_default_and_the_manifest_records_it(tmp_path, capsys):
     assert "--beta must be >= 0, got -1.0" in capsys.readouterr().err
 
 
-def test_the_first_fit_is_a_quarter_of_the_epochs_unless_given(tmp_path):
+def test_the_first_fit_is_a_quarter_of_the_epochs_unless_given(tmp_path, capsys):
     assert TrainConfig(epochs=20).first_fit() == TrainConfig(epochs=5)
     assert TrainConfig(epochs=20, refit=0.1, first_fit_epochs=7).first_fit().epochs == 7
     assert TrainConfig(epochs=2, refit=0.1).first_fit().epochs == 1
@@ -74,6 +74,9 @@ def test_the_first_fit_is_a_quarter_of_the_epochs_unless_given(tmp_path):
                        "--first-fit-epochs", "2", "--output", str(tmp_path / "m"), "--no-progress",
                        "--checkpoint", str(tmp_path / "ck.pt")]) == 0
     assert len(torch.load(tmp_path / "ck.pt")["history"]) == 2
+    assert train_main(["--dataset", "digits", "--first-fit-epochs", "2", "--output", str(tmp_path / "m"),
+                       "--no-progress"]) == 2
+    assert "this run has no refit" in capsys.readouterr().err
 
 
 def test_images_keep_a_kl_weight_of_one(tiny_model):

@@ -262,6 +262,9 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     for flag, share in (("--trim", trim), ("--refit", refit)):
         if not 0.0 <= share < 1.0:
             raise DataError(f"{flag} must be in [0, 1), got {share}")
+    if args.first_fit_epochs and refit == 0:
+        raise DataError("--first-fit-epochs sets the first of --refit's two fits, and this run has no refit "
+                        "(--refit 0, the default for images)")
     batch_size = args.batch_size or default_batch_size(len(data.x_train))
     cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), first_fit_epochs=args.first_fit_epochs or 0,
                       trim=trim, refit=refit, batch_size=batch_size,
