@@ -15,7 +15,7 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,13 @@ import numpy as np
 from service.batching import Batcher
 from service.drift import ScoreDrift
 from service.errors import ModelNotFound
-from service.manifest import GRAPH_FILES, MANIFEST_FILE, Manifest, ManifestError, read_manifest
+from service.folder import open_folder
+from service.manifest import GRAPH_FILES, Manifest, ManifestError
 from service.metrics import Metrics
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
 from service.scoring import common_noise
 from service.settings import Settings
-from service.signing import load_public_keys, verify_folder
+from service.signing import load_public_keys, verify_signature
 
 log = logging.getLogger("vaeserve")
 
@@ -240,24 +241,21 @@ class Repository:
             return report
 
     def load_version(self, folder: Path) -> LoadedModel:
-        try:
-            raw = (folder / MANIFEST_FILE).read_bytes()
-        except FileNotFoundError:
-            raise ManifestError(f"{folder}: no manifest") from None
-        if self.trusted is not None:
-            verify_folder(folder, raw, self.trusted)
-        manifest = read_manifest(folder, data=raw)
+        s = self.settings
+        candidates: tuple[Runtime, ...] = RUNTIMES if s.runtime == "auto" else (s.runtime,)
+        check = partial(verify_signature, trusted=self.trusted) if self.trusted is not None else None
+        verified = open_folder(folder, keep=[GRAPH_FILES[g, r] for r in candidates for g in ("encoder", "decoder")],
+                               check_signature=check)
+        manifest = verified.manifest
         if manifest.name != folder.parent.name or str(manifest.version) != folder.name:
             raise ManifestError(f"the manifest says {manifest.name}/{manifest.version} but lives in "
                                 f"{folder.parent.name}/{folder.name}")
-        s = self.settings
-        candidates: tuple[Runtime, ...] = RUNTIMES if s.runtime == "auto" else (s.runtime,)
         loaded: dict[Runtime, tuple[Graph, Graph]] = {}
         errors = []
         for runtime in candidates:
             try:
-                enc = load_graph(folder / GRAPH_FILES["encoder", runtime], runtime, self.device, s.threads)
-                dec = load_graph(folder / GRAPH_FILES["decoder", runtime], runtime, self.device, s.threads)
+                enc = load_graph(verified.blobs[GRAPH_FILES["encoder", runtime]], runtime, self.device, s.threads)
+                dec = load_graph(verified.blobs[GRAPH_FILES["decoder", runtime]], runtime, self.device, s.threads)
                 _check_graphs(manifest, enc, dec)
                 loaded[runtime] = (enc, dec)
             except Exception as e:  # noqa: BLE001 - try the other runtime under auto

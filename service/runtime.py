@@ -1,13 +1,19 @@
-"""Runs one exported graph (TorchScript or ONNX) on a float32 array; knows nothing about HTTP."""
+"""Runs one exported graph (TorchScript or ONNX) on a float32 array; knows nothing about HTTP.
+
+A graph is built from a file's bytes (the service's: read once and verified, see service.folder) or
+from a path (training's own checks of what it has just written).
+"""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 
 Runtime = Literal["onnx", "torchscript"]
+Source = bytes | Path
 RUNTIMES: tuple[Runtime, ...] = ("onnx", "torchscript")
 
 
@@ -31,7 +37,7 @@ def cuda_available() -> bool:
 class OnnxGraph:
     runtime: Runtime = "onnx"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 1):
+    def __init__(self, source: Source, device: str = "cpu", threads: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -45,7 +51,8 @@ class OnnxGraph:
                 raise RuntimeError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu)")
             providers.insert(0, "CUDAExecutionProvider")
         self.device = device
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        model = source if isinstance(source, bytes) else str(source)
+        self.session = ort.InferenceSession(model, sess_options=options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -56,14 +63,15 @@ class OnnxGraph:
 class TorchScriptGraph:
     runtime: Runtime = "torchscript"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int = 1):
+    def __init__(self, source: Source, device: str = "cpu", threads: int = 1):
         import torch
 
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self.torch = torch
         self.device = device
-        self.module = torch.jit.load(str(path), map_location=device).eval()
+        self.module = torch.jit.load(io.BytesIO(source) if isinstance(source, bytes) else str(source),
+                                     map_location=device).eval()
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
         torch = self.torch
@@ -73,9 +81,9 @@ class TorchScriptGraph:
         return [o.cpu().numpy() for o in outs]
 
 
-def load_graph(path: Path, runtime: Runtime, device: str = "cpu", threads: int = 1) -> Graph:
+def load_graph(source: Source, runtime: Runtime, device: str = "cpu", threads: int = 1) -> Graph:
     if runtime == "onnx":
-        return OnnxGraph(path, device, threads)
+        return OnnxGraph(source, device, threads)
     if runtime == "torchscript":
-        return TorchScriptGraph(path, device, threads)
+        return TorchScriptGraph(source, device, threads)
     raise ValueError(f"unknown runtime {runtime!r}; choose one of {RUNTIMES}")

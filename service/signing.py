@@ -62,20 +62,21 @@ def sign_folder(folder: Path, key: Ed25519PrivateKey) -> None:
     (folder / SIGNATURE_FILE).write_text(base64.b64encode(signature).decode() + "\n")
 
 
-def verify_folder(folder: Path, manifest: bytes, trusted: list[Ed25519PublicKey]) -> None:
-    """Raise ManifestError unless `model.sig` verifies these manifest bytes under a trusted key.
+def verify_signature(folder: Path, manifest: bytes, signature: bytes | None,
+                     trusted: list[Ed25519PublicKey]) -> None:
+    """Raise ManifestError unless the `model.sig` bytes verify these manifest bytes under a trusted key.
 
-    The caller passes the bytes it then parses, so what is verified is what is used."""
-    try:
-        signature = base64.b64decode((folder / SIGNATURE_FILE).read_text().strip(), validate=True)
-    except FileNotFoundError:
+    Both are the bytes the caller read once (service.folder), so what is verified is what is used."""
+    if signature is None:
         raise ManifestError(f"{folder}: unsigned ({SIGNATURE_FILE} missing) and VAE_TRUSTED_KEYS requires a "
-                            "signature") from None
+                            "signature")
+    try:
+        decoded = base64.b64decode(signature.strip(), validate=True)
     except ValueError:
         raise ManifestError(f"{folder}: {SIGNATURE_FILE} is not base64") from None
     for key in trusted:
         try:
-            key.verify(signature, manifest)
+            key.verify(decoded, manifest)
             return
         except InvalidSignature:
             continue

@@ -18,7 +18,7 @@ import onnxruntime as ort
 from fastapi import FastAPI
 
 from service.app import create_app
-from service.manifest import read_manifest
+from service.folder import read_manifest
 from service.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.manifest import read_manifest
+from service.folder import read_manifest
 from service.scoring import score_with_graphs
 from tests.conftest import SHARED
 from tests.service_helpers import serving

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.manifest import read_manifest
+from service.folder import read_manifest
 from training.cli import main as train_main
 from training.config import ModelConfig
 from training.data import load_dataset

@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.manifest import SCHEMA_VERSION, ManifestError, json_schema, read_manifest
+from service.folder import read_manifest
+from service.manifest import SCHEMA_VERSION, ManifestError, json_schema
 
 
 @pytest.fixture

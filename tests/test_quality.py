@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.manifest import read_manifest
+from service.folder import read_manifest
 from tests.conftest import REPO, SHARED
 from training.cli import main as train_main
 from training.evaluate import evaluate

@@ -4,13 +4,18 @@ finish their in-flight requests, broken, tampered or (with signing on) unsigned 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import threading
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
-from service.signing import generate_keypair
+from service.folder import open_folder
+from service.signing import generate_keypair, load_public_keys, verify_signature
 from tests.service_helpers import DEFAULT_MODEL, Gate, Reference, copy_model, digits_rows, metric, serving
 from training.cli import main as train_main
 
@@ -134,7 +139,110 @@ def test_training_signs_its_export(tmp_path):
     assert train_main(["--dataset", "digits", "--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--no-progress",
                        "--output", str(tmp_path / "m"), "--name", "s", "--checkpoint", str(tmp_path / "c.pt"),
                        "--sign", str(tmp_path / "k.key")]) == 0
-    from service.signing import load_public_keys, verify_folder
-
     folder = tmp_path / "m" / "s" / "1"
-    verify_folder(folder, (folder / "model.json").read_bytes(), load_public_keys(tmp_path / "k.pub"))
+    trusted = load_public_keys(tmp_path / "k.pub")
+    open_folder(folder, check_signature=partial(verify_signature, trusted=trusted))
+
+
+def forged_decoder(genuine: Path, target: Path) -> None:
+    """The same graph, inputs and outputs as `genuine`, with every weight negated: a forgery of its shape."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(genuine))
+    for init in model.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(-numpy_helper.to_array(init), init.name))
+    onnx.save(model, str(target))
+
+
+@pytest.fixture
+def signed(repo, tmp_path):
+    """digits/1 and a copy as digits/2, both signed with a key the server trusts; the forged decoder beside."""
+    assert train_main(["keygen", str(tmp_path / "k")]) == 0
+    staged = copy_model(tmp_path / "staging", "digits", 2, repo / "digits" / "1")
+    for folder in (repo / "digits" / "1", staged):
+        assert train_main(["sign", str(folder), "--key", str(tmp_path / "k.key")]) == 0
+    forged_decoder(staged / "decoder.onnx", tmp_path / "forged.onnx")
+    return staged, tmp_path / "forged.onnx", tmp_path / "k.pub"
+
+
+def flipping(path: Path, a: bytes, b: bytes, stop: threading.Event, *, link: bool = False) -> threading.Thread:
+    """A thread that swaps `path` between contents a and b (renamed in whole, or as a symlink) until stopped."""
+    sources = [path.with_name(f".{path.name}.{i}") for i in range(2)]
+    for source, data in zip(sources, (a, b), strict=True):
+        source.write_bytes(data)
+
+    def swap(i: int) -> None:
+        tmp = path.with_name(f".{path.name}.swap")
+        if link:
+            tmp.symlink_to(sources[i % 2].resolve())
+        else:
+            shutil.copyfile(sources[i % 2], tmp)
+        os.replace(tmp, path)
+
+    def run() -> None:
+        i = 1
+        while not stop.is_set():
+            swap(i)
+            i += 1
+
+    swap(0)  # the path is already what the thread makes of it before anyone reads it
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+async def decoded(client, version: int, z: np.ndarray) -> np.ndarray:
+    r = await client.post("/decode", json={"latents": z.tolist(), "version": version})
+    assert r.status_code == 200, r.text
+    return np.asarray(r.json()["outputs"])
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["renamed", "symlinked"])
+async def test_a_graph_swapped_while_reload_runs_never_serves_the_forgery(repo, signed, link):
+    """The attack: decoder.onnx flips between the signed file and a forged graph while reload reads it.
+
+    Sixteen rounds of copy, flip, reload until loaded, check, remove: a loader that hashed one read and
+    built the graph from another would serve the forgery in about a quarter of them."""
+    staged, forged, public = signed
+    z = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    genuine = Reference(staged).decode(z)
+    (forged_out,) = ort.InferenceSession(str(forged)).run(None, {"z": z})
+    assert not np.allclose(forged_out * 16.0, genuine, atol=1e-2)  # the forgery would be visible
+    target = repo / "digits" / "2"
+    async with serving(repo, reload_interval=0, trusted_keys=public) as (_, client):
+        for _ in range(16 if not link else 2):
+            shutil.copytree(staged, target)
+            stop = threading.Event()
+            thread = flipping(target / "decoder.onnx", (staged / "decoder.onnx").read_bytes(), forged.read_bytes(),
+                              stop, link=link)
+            reports = []
+            try:
+                for _ in range(40):  # each flip changes the file, so a refused version is tried again
+                    reports.append((await client.post("/admin/reload")).json())
+                    if reports[-1]["loaded"]:
+                        break
+            finally:
+                stop.set()
+                thread.join()
+            refusals = [r["refused"]["digits/2"] for r in reports if r["refused"]]
+            if link:
+                assert not any(r["loaded"] for r in reports) and refusals, reports
+                assert all("decoder.onnx is a symbolic link" in why for why in refusals), refusals
+            else:  # a read that caught the genuine file loads it; one that caught the forgery fails its hash
+                assert reports[-1]["loaded"] == ["digits/2"], reports
+                assert all("decoder.onnx does not match its sha256" in why for why in refusals), refusals
+                np.testing.assert_allclose(await decoded(client, 2, z), genuine, atol=1e-4)
+            shutil.rmtree(target)
+            assert (await client.post("/admin/reload")).json()["models"] == {"digits": [1]}
+
+
+async def test_a_signed_version_with_a_graph_replaced_after_signing_is_refused(repo, signed):
+    staged, forged, public = signed
+    shutil.copyfile(forged, staged / "decoder.onnx")
+    async with serving(repo, reload_interval=0, trusted_keys=public) as (_, client):
+        shutil.copytree(staged, repo / "digits" / "2")
+        report = (await client.post("/admin/reload")).json()
+        assert "decoder.onnx does not match its sha256" in report["refused"]["digits/2"]
+        z = np.zeros((1, 8), dtype=np.float32)
+        np.testing.assert_allclose(await decoded(client, 1, z), Reference(repo / "digits" / "1").decode(z), atol=1e-4)

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import GRAPH_FILES, Calibration, Manifest, ScoreName, read_manifest, score_asked
-from service.runtime import Runtime, load_graph
+from service.folder import open_graphs
+from service.manifest import Calibration, Manifest, ScoreName, score_asked
+from service.runtime import Runtime
 from service.scoring import score_with_graphs
 from training.data import DataError, check_finite, read_csv_table
 
@@ -73,12 +74,11 @@ class ServedScorer:
 
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime = "onnx", threads: int = 0) -> ServedScorer:
-        manifest = read_manifest(model_dir)
+        manifest, encoder, decoder = open_graphs(model_dir, runtime, threads=threads)
         if manifest.classes:
             raise ValueError(f"{model_dir} is a conditional model: its scores need each row's label, so score it "
                              "through the service (POST /anomaly-score with labels)")
-        return cls(manifest, load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, threads=threads),
-                   load_graph(model_dir / GRAPH_FILES["decoder", runtime], runtime, threads=threads))
+        return cls(manifest, encoder, decoder)
 
     def __call__(self, x: np.ndarray, samples: int | None = None, score: ScoreName = "elbo") -> np.ndarray:
         """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise."""

@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("| samples labelled as asked | " + " | ".join(f"{v:.0%}" for v in r["per_class"].values()) + " |")
             return 0
         if argv[:1] == ["plot"]:
-            from service.manifest import read_manifest
+            from service.folder import read_manifest
             from training.plot import plot
 
             args = plot_parser().parse_args(argv[1:])
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(path)
             return 0
         if argv[:1] == ["sign"]:
-            from service.manifest import read_manifest
+            from service.folder import read_manifest
             from service.signing import load_private_key, sign_folder
 
             args = sign_parser().parse_args(argv[1:])

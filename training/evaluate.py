@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from service.manifest import GRAPH_FILES, Manifest, read_manifest
-from service.runtime import Runtime, load_graph
+from service.folder import open_graphs
+from service.manifest import Manifest
+from service.runtime import Runtime
 from service.scoring import log_likelihood, sample_latents, scores, with_label
 from training.data import Dataset, load_dataset
 
@@ -42,7 +43,7 @@ def recorded_dataset(manifest: Manifest, dataset: str | None = None, data: str |
 def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = None, split: str = "val",
              samples: int = 1000, runtime: Runtime = "onnx", seed: int = 0, progress: bool = True,
              threads: int = 0) -> dict[str, Any]:
-    manifest = read_manifest(model_dir)
+    manifest, encoder, decoder = open_graphs(model_dir, runtime, threads=threads)
     ds = recorded_dataset(manifest, dataset, data)
     name = ds.name
     raw = {"val": ds.x_val, "test": ds.x_val, "train": ds.x_train}.get(split)
@@ -53,8 +54,6 @@ def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = 
     binarized = manifest.training.get("config", {}).get("binarize") == "dynamic"
     if binarized:
         x = (np.random.default_rng(seed + 1).random(x.shape, dtype=np.float32) < x).astype(np.float32)
-    encoder = load_graph(model_dir / GRAPH_FILES["encoder", runtime], runtime, threads=threads)
-    decoder = load_graph(model_dir / GRAPH_FILES["decoder", runtime], runtime, threads=threads)
     header = {"model": manifest.name, "version": manifest.version, "runtime": runtime, "dataset": name,
               "split": split, "rows": len(x), "samples": samples, "binarized": binarized}
     if manifest.classes:

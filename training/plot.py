@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import GRAPH_FILES, Manifest, read_manifest
+from service.folder import open_graphs
+from service.manifest import Manifest
 from service.pictures import picture
-from service.runtime import load_graph
 from service.scoring import with_label
 from training.evaluate import recorded_dataset
 
@@ -30,11 +30,9 @@ MAP_ROWS = 5000
 class Drawer:
     """The exported ONNX graphs of one model, in the caller's data space."""
 
-    def __init__(self, folder: Path, manifest: Manifest):
-        self.m = manifest
-        self.encoder = load_graph(folder / GRAPH_FILES["encoder", "onnx"], "onnx")
-        self.decoder = load_graph(folder / GRAPH_FILES["decoder", "onnx"], "onnx")
-        self.shift, self.scale = manifest.preprocessing.arrays()
+    def __init__(self, folder: Path):
+        self.m, self.encoder, self.decoder = open_graphs(folder)
+        self.shift, self.scale = self.m.preprocessing.arrays()
 
     def _label(self, labels: np.ndarray | None, n: int) -> np.ndarray | None:
         """Class indices for a conditional model (class 0 where none are given); None otherwise."""
@@ -160,9 +158,9 @@ def chart_plots(d: Drawer, x_val: np.ndarray, y_val: np.ndarray | None, y_names:
 def plot(model_dir: Path, out: Path, *, dataset: str | None = None, data: str | None = None,
          seed: int = 0) -> list[Path]:
     """Write the model's pictures into `out`; returns the files written."""
-    manifest = read_manifest(model_dir)
+    d = Drawer(model_dir)
+    manifest = d.m
     ds = recorded_dataset(manifest, dataset, data)
-    d = Drawer(model_dir, manifest)
     y_val = _class_indices(manifest, ds.y_val)
     pictures: dict[str, bytes] = {}
     if len(manifest.input_shape) == 3 and manifest.input_shape[0] in (1, 3):

@@ -13,8 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import GRAPH_FILES, read_manifest
-from service.runtime import load_graph
+from service.folder import open_graphs
 from service.scoring import with_label
 from training.evaluate import recorded_dataset
 
@@ -25,7 +24,7 @@ def check_samples(model_dir: Path, *, per_class: int = 100, seed: int = 0, datas
                   data: str | None = None) -> dict[str, Any]:
     from sklearn.neural_network import MLPClassifier
 
-    manifest = read_manifest(model_dir)
+    manifest, _, decoder = open_graphs(model_dir)
     if not manifest.classes:
         raise ValueError(f"{model_dir} is not a conditional model (its manifest lists no classes)")
     ds = recorded_dataset(manifest, dataset, data)
@@ -41,7 +40,6 @@ def check_samples(model_dir: Path, *, per_class: int = 100, seed: int = 0, datas
     judge = MLPClassifier(hidden_layer_sizes=(256,), max_iter=40, early_stopping=True, random_state=seed)
     judge.fit(features(ds.x_train[rows]), np.array([str(v) for v in ds.y_train[rows]]))
     judge_accuracy = float(judge.score(features(ds.x_val), np.array([str(v) for v in ds.y_val])))
-    decoder = load_graph(model_dir / GRAPH_FILES["decoder", "onnx"], "onnx")
     per_class_hits: dict[str, float] = {}
     for index, name in enumerate(manifest.classes):
         z = rng.standard_normal((per_class, manifest.latent_dim)).astype(np.float32)
