@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 judge = r["classifier_validation_accuracy"]
                 print(f"{r['model']} v{r['version']}: {r['accuracy']:.1%} of samples labelled as the class asked for "
-                      f"({r['samples_per_class']} per class; the classifier is {judge:.1%} accurate on held-out rows)")
+                      f"({r['samples_per_class']} per class; the classifier is {judge:.1%} accurate on held-out rows"
+                      + ("" if r["classifier_converged"] else "; its fit stopped at the iteration cap") + ")")
                 print("| class | " + " | ".join(r["per_class"]) + " |")
                 print("|---|" + "---|" * len(r["per_class"]))
                 print("| samples labelled as asked | " + " | ".join(f"{v:.0%}" for v in r["per_class"].values()) + " |")
