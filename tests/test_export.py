@@ -1,5 +1,6 @@
 """End to end: train a tiny model, export it, load the files back with torch and onnxruntime."""
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from training.config import ModelConfig
 from training.data import load_dataset
 from training.export import ExportError, check_parity
 from training.model import VAE
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def rebuild(folder: Path) -> VAE:
@@ -65,6 +68,30 @@ def test_new_runs_get_new_versions_and_never_overwrite(tiny_repo):
     assert (tiny_repo / "tiny" / "1" / "model.json").read_bytes() == before
     assert read_manifest(tiny_repo / "tiny" / "2").version == 2
     assert not [p for p in (tiny_repo / "tiny").iterdir() if p.name.startswith(".")]
+
+
+def versions(root: Path) -> dict[str, list[str]]:
+    return {m.name: sorted(v.name for v in m.iterdir()) for m in sorted(root.iterdir()) if m.is_dir()}
+
+
+def test_training_without_a_name_never_adds_a_version_to_an_existing_model(tmp_path):
+    """The README's commands, run against a copy of the shipped repository, leave its models as they were."""
+    repo = Path(shutil.copytree(REPO / "models", tmp_path / "models"))
+    shipped = versions(repo)
+    quick = ["--epochs", "1", "--hidden", "16", "--latent-dim", "2", "--no-progress", "--output", str(repo)]
+    assert train_main(["--dataset", "digits", *quick, "--checkpoint", str(tmp_path / "a.pt")]) == 0
+    assert train_main(["--dataset", "digits", "--conditional", *quick, "--checkpoint", str(tmp_path / "b.pt")]) == 0
+    assert train_main(["--dataset", "digits", *quick, "--checkpoint", str(tmp_path / "c.pt")]) == 0
+    rows = np.random.default_rng(0).normal(size=(200, 3))
+    (tmp_path / "sensor readings.csv").write_text("a,b,c\n" + "\n".join(",".join(map(str, r)) for r in rows))
+    csv = ["--dataset", "csv", "--data", str(tmp_path / "sensor readings.csv"), *quick]
+    assert train_main([*csv, "--checkpoint", str(tmp_path / "d.pt")]) == 0
+    assert train_main([*csv, "--checkpoint", str(tmp_path / "e.pt")]) == 0
+    assert versions(repo) == {**shipped, "digits-2": ["1"], "digits-3": ["1"], "digits-conditional-2": ["1"],
+                              "sensor-readings": ["1"], "sensor-readings-2": ["1"]}
+    assert read_manifest(repo / "digits-2" / "1").name == "digits-2"
+    assert train_main(["--dataset", "digits", *quick, "--name", "digits", "--checkpoint", str(tmp_path / "f.pt")]) == 0
+    assert versions(repo)["digits"] == ["1", "2"]  # --name says so explicitly
 
 
 def test_conv_model_exports(tmp_path):

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import platform
+import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -39,6 +40,16 @@ TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.1, "refit": 0.1, "beta
 def default_batch_size(train_rows: int) -> int:
     """DEFAULT_BATCH_SIZE, or for a small data set one that gives MIN_STEPS_PER_EPOCH steps per epoch."""
     return max(1, min(DEFAULT_BATCH_SIZE, math.ceil(train_rows / MIN_STEPS_PER_EPOCH)))
+
+
+def default_name(args: argparse.Namespace) -> str:
+    """A name for a model trained without --name: the data file's stem, else the dataset (+ -conditional)."""
+    path = Path(args.data) if args.data else None
+    if path is not None and not path.is_dir():
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).lstrip("_.-")[:56]
+        if base:
+            return base
+    return args.dataset + ("-conditional" if args.conditional else "")
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -127,7 +138,8 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     t.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines still print)")
     o = p.add_argument_group("output")
-    o.add_argument("--name", help="model name [default: the dataset's name]")
+    o.add_argument("--name", help="model name; an existing model gets a new version. Without it the export is a "
+                   "new model named after the data file (or the dataset), with -2, -3, ... when that name is taken")
     o.add_argument("--output", type=Path, default=Path("models"), help="model repository")
     o.add_argument("--sign", type=Path, metavar="KEY",
                    help="sign the export with this Ed25519 private key (PEM; `vae-train keygen` makes one)")
@@ -270,7 +282,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
                       trim=trim, refit=refit, batch_size=batch_size,
                       lr=args.lr, beta=beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
                       val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
-    name = args.name or args.dataset
+    name = args.name or default_name(args)
     device = resolve_device(args.device)
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
     print(f"training {args.arch} VAE on {args.dataset}: {len(data.x_train)} train / {len(data.x_val)} val rows, "
@@ -307,10 +319,13 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     metrics = {"val_neg_elbo": best.val_loss, "val_reconstruction": best.val_reconstruction,
                "val_kl": best.val_kl, "train_neg_elbo": best.train_loss}
     folder, manifest = export_model(result.model, data, name=name, output=args.output, training=training,
-                                    metrics=metrics, sign=args.sign)
+                                    metrics=metrics, sign=args.sign, new_model=args.name is None)
     worst = max(c.max_abs_diff for c in manifest.parity)
     print(f"best epoch {result.best_epoch}: validation -ELBO {best.val_loss:.3f} nats; "
           f"training took {result.train_seconds:.1f}s")
+    if folder.parent.name != name:
+        print(f"{args.output / name} exists, so this model is {folder.parent.name}, a model of its own "
+              f"(pass --name {name} to add a version to {name} instead)")
     print(f"exported {folder} (TorchScript and ONNX match eager within {worst:.1e}; "
           f"anomaly threshold {manifest.calibration.threshold:.2f} nats at the "
           f"{manifest.calibration.threshold_level:.0%} quantile)")

@@ -162,10 +162,26 @@ def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray
     return calibrate(folder, model, x_val, y_val=y_val), others
 
 
+def claim_new_model(output: Path, base: str) -> Path:
+    """Create `output/<base>` (or `<base>-2`, `-3`, ... when taken) and return it: a model of its own.
+
+    mkdir is the claim, so two runs at once never end up as two versions of one model."""
+    for n in range(1, 10_000):
+        name = base if n == 1 else f"{base[:60]}-{n}"
+        try:
+            (output / name).mkdir()
+            return output / name
+        except FileExistsError:
+            continue
+    raise ExportError(f"{output}: no free model name {base}-N; pass --name")
+
+
 def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
-                 metrics: dict[str, float], sign: Path | None = None) -> tuple[Path, Manifest]:
+                 metrics: dict[str, float], sign: Path | None = None, new_model: bool = False) -> tuple[Path, Manifest]:
     """Write `output/name/<next version>/` atomically; never touches an existing version.
 
+    `new_model`: `name` is only a base: the export becomes version 1 of a model no one else has
+    (`claim_new_model`), never another version of an existing one.
     `sign`: an Ed25519 private key (PEM); the folder then carries `model.sig` from the start.
     """
     import re
@@ -174,9 +190,8 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
     if not re.match(NAME_PATTERN, name):
         raise ExportError(f"model name {name!r} must match {NAME_PATTERN}")
     model = model.cpu().eval()
-    root = output / name
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".export-", dir=root))
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=output))  # "." folders are never served
     try:
         x_val = data.preprocessing.apply(data.x_val)
         y_val = data.label_index_val if model.cfg.conditional else None
@@ -194,6 +209,9 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
             f.chmod(0o644)
         work.chmod(0o755)
         cfg = model.cfg
+        root = claim_new_model(output, name) if new_model else output / name
+        root.mkdir(exist_ok=True)
+        name = root.name
         while True:  # claim the next free version number; rename fails if a concurrent run took it
             version = next_version(root)
             manifest = Manifest.model_validate({
