@@ -58,8 +58,8 @@ class VAEApp(FastAPI):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.keys is not None and scope["type"] == "http" and not self._authorised(scope):
-            path = scope["path"]
-            endpoint = path[1:] if path in self.direct else path.split("/", 2)[1] or "other"
+            path = scope["path"]  # any request target: "/encode", "/v2/...", or "*" (OPTIONS * HTTP/1.1)
+            endpoint = path[1:] if path in self.direct else path.lstrip("/").split("/", 1)[0] or "other"
             self.vae.metrics.record_request(("-", "-"), endpoint if endpoint in KEYED_ENDPOINTS else "other", 401, 0.0)
             response = response_for(Unauthorized(UNAUTHORIZED, headers={"WWW-Authenticate": "Bearer"}), 0,
                                     v2=path.startswith(V2_PREFIX))

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from service import codec
-from service.errors import InvalidInput
+from service.errors import InvalidInput, quoted
 from service.repository import LoadedModel
 from service.settings import Settings
 
@@ -51,8 +51,8 @@ class Call:
         names = [str(v) for v in (given if isinstance(given, list) else [given])]
         unknown = [v for v in names if v not in index]
         if unknown:
-            raise InvalidInput(f"unknown label {unknown[0]!r} for model {model.name} v{model.version}; its classes "
-                               f"are {_listing(model.classes)}", field=field)
+            raise InvalidInput(f"unknown label {quoted(unknown[0])} for model {model.name} v{model.version}; its "
+                               f"classes are {_listing(model.classes)}", field=field)
         codes = np.fromiter((index[v] for v in names), dtype=np.int64, count=len(names))
         return codes if len(codes) == n else np.full(n, codes[0], dtype=np.int64)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.errors import InvalidInput, MalformedBody, NotAcceptable, PayloadTooLarge, UnsupportedMediaType
+from service.errors import InvalidInput, MalformedBody, NotAcceptable, PayloadTooLarge, UnsupportedMediaType, quoted
 
 JSON = "application/json"
 NPY = "application/x-npy"
@@ -25,13 +25,33 @@ PNG = "image/png"
 _NUMERIC_KINDS = "fiu"
 
 
+MAX_DIMS = 8  # an array a request sends has at most this many dimensions (rows, then an image's C, H, W)
+MAX_ELEMENTS = 1 << 40  # what a shape may describe even when one of its sides is 0: numpy refuses beyond
+_ASCII_INT = re.compile(r"[0-9]{1,18}")
+
+
+def ascii_int(text: str) -> int | None:
+    """A non-negative integer written in ASCII digits (at most 18), else None.
+
+    str.isdigit and int() also take other scripts' digits and superscripts ("²", "١")."""
+    return int(text) if _ASCII_INT.fullmatch(text) else None
+
+
+def check_shape(shape: list[int] | tuple[int, ...], what: str, field: str | None = None) -> None:
+    """Refuse shapes numpy cannot hold: too many dimensions, or more elements than any request carries."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{what}: shape has {len(shape)} dimensions; at most {MAX_DIMS}", field=field)
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"{what}: shape {quoted(list(shape))} describes more values than a request can hold",
+                           field=field)
+
+
 async def read_body(stream: AsyncIterator[bytes], content_length: str | None, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes before reading them where the size is declared."""
     if content_length is not None:
-        try:
-            declared = int(content_length)
-        except ValueError:
-            raise MalformedBody(f"Content-Length {content_length!r} is not a number") from None
+        declared = ascii_int(content_length)
+        if declared is None:
+            raise MalformedBody(f"Content-Length {quoted(content_length)} is not a number of bytes") from None
         if declared > limit:
             raise PayloadTooLarge(f"the body is {declared} bytes; the limit is {limit} (VAE_MAX_BODY_BYTES)")
     chunks: list[bytes] = []
@@ -53,7 +73,7 @@ def media_type(content_type: str | None) -> str:
         return kind
     if kind in ("application/octet-stream", "application/npy"):
         return NPY
-    raise UnsupportedMediaType(f"Content-Type {kind!r} is not supported; send {JSON} or {NPY} "
+    raise UnsupportedMediaType(f"Content-Type {quoted(kind)} is not supported; send {JSON} or {NPY} "
                                "(with curl: --json, or -H 'Content-Type: application/json')")
 
 
@@ -90,6 +110,7 @@ def parse_npy(body: bytes) -> np.ndarray:
         if match and match.group(2) == "False":
             dtype = np.dtype(match.group(1))
             shape = tuple(int(d) for d in match.group(3).replace(",", " ").split())
+            check_shape(shape, "the .npy array")
             count = math.prod(shape)
             offset = start + header_len
             if len(body) - offset == count * dtype.itemsize:
@@ -106,6 +127,7 @@ def _parse_npy_with_numpy(body: bytes) -> np.ndarray:
         raise MalformedBody("the body must be a single .npy array, not an .npz archive")
     if array.dtype.kind not in _NUMERIC_KINDS:
         raise InvalidInput(f"the .npy array must hold real numbers, got dtype {array.dtype}")
+    check_shape(array.shape, "the .npy array")
     return array
 
 
@@ -222,7 +244,7 @@ def negotiate(accept: str | None) -> str:
         if kind in kinds:
             return kind
     if not any(k in (JSON, "*/*", "application/*", "") for k in kinds):
-        raise NotAcceptable(f"Accept {accept!r}: responses are {JSON}, {NPZ}, or {PNG} (image models' "
+        raise NotAcceptable(f"Accept {quoted(accept)}: responses are {JSON}, {NPZ}, or {PNG} (image models' "
                             "/sample, /decode, /reconstruct and /interpolate)")
     return JSON
 

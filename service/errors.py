@@ -9,6 +9,7 @@ body is that protocol's `{"error": "..."}`, with the same status code.
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any
 
 import orjson
@@ -20,6 +21,18 @@ from starlette.responses import Response
 from service.batching import BatchFailed, QueueFull
 
 log = logging.getLogger("vaeserve")
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = 6
+_SHORT.maxdict, _SHORT.maxlevel = 4, 2
+MAX_MESSAGE = 2000  # characters: a backstop; what was sent is quoted through `quoted` in the first place
+
+
+def quoted(value: object) -> str:
+    """A short repr of what a client sent: an error names it without echoing megabytes back."""
+    return _SHORT.repr(value)
 
 
 class ServiceError(Exception):
@@ -82,6 +95,10 @@ V2_PREFIX = "/v2"
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
                    headers: dict[str, str] | None = None, *, v2: bool = False) -> Response:
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + "..."
+    if field is not None and len(field) > 200:
+        field = field[:200] + "..."
     error = message if v2 else {"code": code, "message": message, "field": field}
     return Response(orjson.dumps({"error": error}), status_code=status, media_type="application/json",
                     headers=headers)
@@ -101,7 +118,7 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     first = errors[0]
     field = field_path(first.get("loc", ())) or None
     received = first.get("input")
-    shown = "" if isinstance(received, dict | list) or received is None else f" (received {received!r})"
+    shown = "" if isinstance(received, dict | list) or received is None else f" (received {quoted(received)})"
     message = f"{field}: {first['msg']}{shown}" if field else first["msg"]
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"

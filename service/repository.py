@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from service.batching import Batcher
+from service.codec import ascii_int
 from service.drift import ScoreDrift
-from service.errors import ModelNotFound
+from service.errors import ModelNotFound, quoted
 from service.folder import open_folder
 from service.manifest import GRAPH_FILES, Manifest, ManifestError
 from service.metrics import Metrics
@@ -170,8 +171,9 @@ class Repository:
         found = {}
         for model_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for version_dir in model_dir.iterdir():
-                if version_dir.is_dir() and version_dir.name.isdigit():
-                    found[f"{model_dir.name}/{int(version_dir.name)}"] = version_dir
+                version = ascii_int(version_dir.name)
+                if version is not None and version_dir.is_dir():
+                    found[f"{model_dir.name}/{version}"] = version_dir
         return dict(sorted(found.items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]))))
 
     def _pending(self, found: dict[str, Path]) -> dict[str, Path]:
@@ -284,11 +286,11 @@ class Repository:
         versions = self.models.get(name)
         if not versions:
             known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {known})", field="model")
+            raise ModelNotFound(f"model {quoted(name)} is not loaded (loaded: {known})", field="model")
         if version is None:
             return versions[max(versions)]
         if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version} (versions: {sorted(versions)})",
+            raise ModelNotFound(f"model {quoted(name)} has no version {version} (versions: {sorted(versions)})",
                                 field="version")
         return versions[version]
 

@@ -25,7 +25,7 @@ from starlette.responses import Response
 from service import codec
 from service.call import Call
 from service.deps import AppState, State
-from service.errors import InvalidInput, MalformedBody, ModelNotFound, NotReady
+from service.errors import InvalidInput, MalformedBody, ModelNotFound, NotReady, quoted
 from service.operations import OPERATIONS, Operation, Payload
 from service.pipeline import handle, read_body, validate_params
 from service.repository import LoadedModel
@@ -62,7 +62,7 @@ def split_name(name: str) -> tuple[str, Operation]:
     """`digits.anomaly-score` -> ("digits", the anomaly-score operation)."""
     model, _, op = name.rpartition(".")
     if not model or op not in OPERATIONS:
-        raise ModelNotFound(f"v2 model {name!r}: v2 models are named <model>.<operation>, with operation one of "
+        raise ModelNotFound(f"v2 model {quoted(name)}: v2 models are named <model>.<operation>, with operation one of "
                             f"{', '.join(OPERATIONS)} (e.g. digits.encode)", field="model_name")
     return model, OPERATIONS[op]
 
@@ -70,9 +70,11 @@ def split_name(name: str) -> tuple[str, Operation]:
 def parse_version(version: str | None) -> int | None:
     if version is None:
         return None
-    if not version.isdigit() or int(version) < 1:
-        raise ModelNotFound(f"model version {version!r} is not a positive integer", field="model_version")
-    return int(version)
+    number = codec.ascii_int(version)
+    if number is None or number < 1:
+        raise ModelNotFound(f"model version {quoted(version)} is not a positive integer (ASCII digits)",
+                            field="model_version")
+    return number
 
 
 def _width(model: LoadedModel, kind: str) -> list[int]:
@@ -117,29 +119,31 @@ def _tensor(spec: Any, i: int, binary: bytes, offset: int) -> tuple[str, np.ndar
     if not isinstance(name, str):
         raise InvalidInput(f"{where}.name must be a string", field=f"{where}.name")
     if datatype != "FP32":
-        raise InvalidInput(f"input {name!r} has datatype {datatype!r}; this server takes FP32",
+        raise InvalidInput(f"input {quoted(name)} has datatype {quoted(datatype)}; this server takes FP32",
                            field=f"{where}.datatype")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
-        raise InvalidInput(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}",
+        raise InvalidInput(f"input {quoted(name)}: shape must be a list of non-negative integers, got {quoted(shape)}",
                            field=f"{where}.shape")
+    codec.check_shape(shape, f"input {quoted(name)}", f"{where}.shape")
     count = math.prod(shape)
     size = _dict(spec.get("parameters") or {}, f"{where}.parameters").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size != count * 4:
-            raise MalformedBody(f"input {name!r}: binary_data_size is {size!r}, but shape {shape} of FP32 takes "
-                                f"{count * 4} bytes")
+            raise MalformedBody(f"input {quoted(name)}: binary_data_size is {quoted(size)}, but shape {shape} of FP32 "
+                                f"takes {count * 4} bytes")
         if offset + size > len(binary):
-            raise MalformedBody(f"input {name!r}: the binary section holds {len(binary) - offset} more bytes; "
+            raise MalformedBody(f"input {quoted(name)}: the binary section holds {len(binary) - offset} more bytes; "
                                 f"binary_data_size says {size}")
         array = np.frombuffer(binary, dtype="<f4", count=count, offset=offset).reshape(shape)
         return name, array, offset + size
     if "data" not in spec:
-        raise InvalidInput(f"input {name!r} has neither data nor parameters.binary_data_size", field=f"{where}.data")
+        raise InvalidInput(f"input {quoted(name)} has neither data nor parameters.binary_data_size",
+                           field=f"{where}.data")
     data = spec["data"]
     flat = codec.to_array(data if isinstance(data, list) and data else [data], f"{where}.data", maybe_bools=True)
     if flat.size != count:
-        raise InvalidInput(f"input {name!r}: data holds {flat.size} values; shape {shape} needs {count}",
+        raise InvalidInput(f"input {quoted(name)}: data holds {flat.size} values; shape {shape} needs {count}",
                            field=f"{where}.data")
     return name, flat.reshape(shape), offset
 
@@ -149,10 +153,11 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     if header_length is None:
         header, binary = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise MalformedBody(f"Inference-Header-Content-Length is {header_length!r}; the body has {len(body)} "
-                                "bytes")
-        header, binary = body[: int(header_length)], body[int(header_length):]
+        length = codec.ascii_int(header_length)
+        if length is None or length > len(body):
+            raise MalformedBody(f"Inference-Header-Content-Length is {quoted(header_length)}; it must be a number of "
+                                f"bytes (ASCII digits) no larger than the body's {len(body)}")
+        header, binary = body[:length], body[length:]
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as e:
@@ -174,9 +179,10 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
         tensor_name, array, offset = _tensor(spec, i, binary, offset)
         if tensor_name not in INPUTS[op.name]:
             takes = ", ".join(INPUTS[op.name]) or "none (its fields are parameters)"
-            raise InvalidInput(f"{tensor_name!r} is not an input of {name}; its inputs: {takes}", field=f"inputs[{i}]")
+            raise InvalidInput(f"{quoted(tensor_name)} is not an input of {name}; its inputs: {takes}",
+                               field=f"inputs[{i}]")
         if tensor_name in request.tensors:
-            raise InvalidInput(f"input {tensor_name!r} is given twice", field=f"inputs[{i}]")
+            raise InvalidInput(f"input {quoted(tensor_name)} is given twice", field=f"inputs[{i}]")
         request.tensors[tensor_name] = array
     if offset != len(binary):
         raise MalformedBody(f"the binary section has {len(binary)} bytes; the inputs' binary_data_size add up to "
@@ -190,7 +196,7 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
             out = _dict(out, f"outputs[{i}]")
             out_name = out.get("name")
             if out_name not in OUTPUTS[op.name]:
-                raise InvalidInput(f"{out_name!r} is not an output of {name}; its outputs: "
+                raise InvalidInput(f"{quoted(out_name)} is not an output of {name}; its outputs: "
                                    f"{', '.join(OUTPUTS[op.name])}", field=f"outputs[{i}].name")
             out_params = _dict(out.get("parameters") or {}, f"outputs[{i}].parameters")
             request.outputs[out_name] = bool(out_params.get("binary_data", request.binary_output))
@@ -207,7 +213,7 @@ def _arrays(request: InferRequest, op: Operation) -> dict[str, Any]:
                                f"{given or 'none'}", field="inputs")
         ends = tensors[given[0]]
         if ends.ndim < 1 or len(ends) != 2:
-            raise InvalidInput(f"input {given[0]!r} must hold 2 rows (start, end); got shape {list(ends.shape)}",
+            raise InvalidInput(f"input {quoted(given[0])} must hold 2 rows (start, end); got shape {list(ends.shape)}",
                                field="inputs")
         keys = ("start", "end") if given[0] == "inputs" else ("start_latent", "end_latent")
         return {keys[0]: ends[0:1], keys[1]: ends[1:2]}

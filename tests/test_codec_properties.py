@@ -93,7 +93,8 @@ def test_json_bodies_parse_to_an_object_or_fail_cleanly(body):
 
 tensors = st.fixed_dictionaries({"name": st.sampled_from(["inputs", "latents", "x"]),
                                  "datatype": st.sampled_from(["FP32", "FP64", "INT8"]),
-                                 "shape": st.lists(st.integers(-1, 4), max_size=3),
+                                 "shape": st.one_of(st.lists(st.integers(-1, 4), max_size=3),
+                                                    st.lists(st.integers(), max_size=70)),  # any size at all
                                  "data": json_values},
                                 optional={"parameters": st.fixed_dictionaries(
                                     {}, optional={"binary_data_size": st.integers(-4, 64)})})
