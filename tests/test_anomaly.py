@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import SHARED
 from tests.service_helpers import digits_rows, serving
-from training.anomaly import ServedScorer, benchmark, detection_metrics, markdown, read_labelled
+from training.anomaly import ServedScorer, benchmark, detection_metrics, markdown, read_labelled, write_report
 from training.cli import main as train_main
 from training.data import DataError
 
@@ -92,19 +92,30 @@ def test_evaluate_labelled_rows_from_the_command_line(tiny_repo, tmp_path, capsy
 
 
 @pytest.mark.skipif(not ADBENCH.is_dir(), reason="../shared/data/adbench is not present")
-def test_quick_benchmark_on_one_shared_table(tmp_path):
-    shutil.copy(ADBENCH / "38_thyroid.npz", tmp_path)
-    result = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "10"], progress=False)
-    s = result["sets"]["38_thyroid"]
-    assert s["iforest_auroc_mean"] == pytest.approx(0.98, abs=0.01)  # the baseline the README quotes
-    assert s["vae_auroc_mean"] > 0.85 and s["runs"][0]["vae"]["rows"] == 1132
-    assert "| 38_thyroid | 3772 x 6 |" in markdown(result)
+def test_quick_benchmark_on_two_shared_tables(tmp_path):
+    """The protocol on two tables, two workers, fixed seeds; the VAE is held to a floor, the baselines to
+    the figures the shared README measured."""
+    for name in ("38_thyroid", "6_cardio"):
+        shutil.copy(ADBENCH / f"{name}.npz", tmp_path)
+    result = benchmark(tmp_path, seeds=(1,), jobs=2, progress=False)
+    thyroid, cardio = result["sets"]["38_thyroid"], result["sets"]["6_cardio"]
+    assert thyroid["iforest_auroc_mean"] == pytest.approx(0.98, abs=0.01)  # the shared README's IsolationForest
+    assert cardio["iforest_auroc_mean"] == pytest.approx(0.933, abs=0.03)
+    assert thyroid["vae_auroc_mean"] > 0.9 and cardio["vae_auroc_mean"] > 0.85
+    assert thyroid["runs"][0]["vae"]["rows"] == 1132 and set(result["mean_rank"]) == {"vae", "iforest", "ecod", "knn"}
+    assert min(cardio[f"{m}_auroc_mean"] for m in ("ecod", "knn")) > 0.5
+    table = markdown(result)
+    assert "| 38_thyroid | 3772 x 6 |" in table and "| all sets (2) |" in table
+    json_path, _ = write_report(result, tmp_path / "out")
+    assert json_path.with_suffix(".png").stat().st_size > 10_000
+    with pytest.raises(DataError, match="no 5_nope.npz"):
+        benchmark(tmp_path, seeds=(1,), sets=["5_nope"], progress=False)
 
 
 def test_the_benchmark_chooses_the_score_as_the_service_does(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    x = np.concatenate([rng.normal(0, 1, (380, 4)), rng.normal(5, 0.3, (20, 4))])
-    np.savez(tmp_path / "toy.npz", X=x, y=np.r_[np.zeros(380), np.ones(20)])
+    x = np.concatenate([rng.normal(0, 1, (10_400, 4)), rng.normal(5, 0.3, (600, 4))])
+    np.savez(tmp_path / "toy.npz", X=x, y=np.r_[np.zeros(10_400), np.ones(600)])
     plain = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "3"], progress=False)
     iwae = benchmark(tmp_path, seeds=(1,), extra=["--epochs", "3"], samples=8, progress=False)
     assert (plain["score"], iwae["score"]) == ("elbo", "iwae")
@@ -112,6 +123,7 @@ def test_the_benchmark_chooses_the_score_as_the_service_does(tmp_path, capsys):
     # The same model and rows: elbo and iwae rank the planted cluster, and are measured as different scores.
     runs = plain["sets"]["toy"]["runs"][0]["vae"], iwae["sets"]["toy"]["runs"][0]["vae"]
     assert min(r["auroc"] for r in runs) > 0.95 and runs[0]["threshold"] != runs[1]["threshold"]
+    assert runs[0]["rows"] == 3000  # ADBench's protocol: 11,000 rows subsampled to 10,000, 30 % of them tested
     with pytest.raises(SystemExit) as exit_:
         train_main(["benchmark-anomaly", "--data", str(tmp_path), "--seeds", "1", "--score", "unknown"])
     assert exit_.value.code == 2
