@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -24,14 +25,17 @@ class Server:
     """A `python -m service` process on 127.0.0.1 (or an already running one, given its URL)."""
 
     def __init__(self, *, model_dir: Path | None = None, default_model: str = "digits",
-                 env: dict[str, str] | None = None, url: str | None = None, log: Path | None = None):
+                 env: dict[str, str] | None = None, url: str | None = None, log: Path | None = None,
+                 verify: ssl.SSLContext | bool = True):
+        """`verify`: how the readiness probe checks the certificate when `env` turns TLS on."""
         self.proc: subprocess.Popen[bytes] | None = None
+        self.verify = verify
         self.log: BinaryIO | None = None
         if url is not None:
             self.url = url.rstrip("/")
             return
         port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if (env or {}).get('VAE_TLS_CERT') else 'http'}://127.0.0.1:{port}"
         environ = {**os.environ, "VAE_PORT": str(port), "VAE_HOST": "127.0.0.1", "VAE_LOG_LEVEL": "warning",
                    "VAE_DEFAULT_MODEL": default_model, **(env or {})}
         if model_dir is not None:
@@ -52,7 +56,7 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"vaeserve exited with {self.proc.returncode} before it was ready. {tail}")
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/health/ready", timeout=1, verify=self.verify).status_code == 200:
                     return time.monotonic() - self.started
             except httpx.TransportError:
                 pass

@@ -13,6 +13,7 @@ from typing import Any
 import uvicorn
 
 from service.auth import KeyRing, new_key_main
+from service.http import BoundedHttpToolsProtocol, tls_options
 from service.settings import Settings, get_settings
 from service.signing import load_public_keys
 
@@ -40,7 +41,7 @@ def run(settings: Settings) -> None:
               "access_log": settings.access_log, "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
               "timeout_keep_alive": settings.keep_alive_timeout,
               # X-Forwarded-For only feeds the access log's client address; skip it unless that log is on.
-              "proxy_headers": settings.access_log}
+              "proxy_headers": settings.access_log, "http": BoundedHttpToolsProtocol, **tls_options(settings)}
     if settings.workers == 1:
         from service.app import create_app
 

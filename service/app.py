@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from service import v2
 from service.auth import KeyRing, needs_key, presented_key
-from service.deps import AppState
+from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
 from service.metrics import Metrics, multiprocess_dir
 from service.repository import Repository
@@ -155,5 +155,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
              responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(generate_latest(state.metrics.exposition_registry()), media_type=CONTENT_TYPE_LATEST)
+
+    add_head(app.router, "/metrics")
 
     return app

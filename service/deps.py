@@ -6,7 +6,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
+from fastapi.routing import APIRoute
 
 from service.errors import NotReady
 from service.metrics import Metrics
@@ -38,3 +39,11 @@ async def get_state(request: Request) -> AppState:
 
 
 State = Annotated[AppState, Depends(get_state)]
+
+
+def add_head(router: APIRouter, *paths: str) -> None:
+    """HEAD beside GET on probe paths (load balancers and uptime checks send it), kept out of the schema:
+    one route with both methods would give both operations the same OpenAPI operation id."""
+    for route in [r for r in router.routes if isinstance(r, APIRoute) and r.path in paths and "GET" in (r.methods or ())]:
+        router.add_api_route(route.path.removeprefix(router.prefix), route.endpoint, methods=["HEAD"],
+                             include_in_schema=False)

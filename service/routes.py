@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from service import schemas
 from service.codec import JSON, NPY, NPZ, PNG, encode_json
-from service.deps import AppState, State
+from service.deps import AppState, State, add_head
 from service.errors import NotReady
 from service.operations import OPERATIONS, Operation
 from service.pipeline import serve
@@ -140,3 +140,6 @@ async def ready(state: State) -> Response:
         raise NotReady(f"the default model {state.settings.default_model!r} is not loaded (VAE_DEFAULT_MODEL); "
                        "GET /models lists refused versions and why")
     return Response(b'{"status":"ready"}', media_type=JSON)
+
+
+add_head(router, "/health/live", "/health/ready")

@@ -43,8 +43,15 @@ class Settings(BaseSettings):
     trusted_keys: Path | None = Field(None, description="Ed25519 public keys (PEM); set = only signed models load")
     reload_interval: float = Field(10.0, ge=0, description="seconds between looks for new versions; 0 = off")
     protect_docs: bool = Field(False, description="with keys on, /docs, /redoc and /openapi.json need a key too")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds from a request's first byte (or the "
+                                    "connection's opening) to the end of its headers; later: 408 and closed")
+    max_header_bytes: int = Field(64 * 1024, ge=1024, description="bytes of request line and headers; more: 431")
+    tls_cert: Path | None = Field(None, description="PEM certificate chain; set (with tls_key) = serve HTTPS")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA certificates; set = clients must present a "
+                                       "certificate signed by one of them (mutual TLS)")
 
-    @field_validator("api_keys_file", "trusted_keys", mode="before")
+    @field_validator("api_keys_file", "trusted_keys", "tls_cert", "tls_key", "tls_client_ca", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value
@@ -54,7 +61,16 @@ class Settings(BaseSettings):
         if self.max_queue_rows < self.max_rows:
             raise ValueError(f"max_queue_rows ({self.max_queue_rows}) must be at least max_rows ({self.max_rows}), "
                              "or a maximal request could never be queued")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("VAE_TLS_CERT and VAE_TLS_KEY go together: set both to serve HTTPS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("VAE_TLS_CLIENT_CA asks clients for certificates over TLS: set VAE_TLS_CERT and "
+                             "VAE_TLS_KEY too")
         return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
 
 @lru_cache

@@ -24,7 +24,7 @@ from starlette.responses import Response
 
 from service import codec
 from service.call import Call
-from service.deps import AppState, State
+from service.deps import AppState, State, add_head
 from service.errors import InvalidInput, MalformedBody, ModelNotFound, NotReady, quoted
 from service.operations import OPERATIONS, Operation, Payload
 from service.pipeline import handle, read_body, validate_params
@@ -359,3 +359,6 @@ async def infer_latest(name: str, request: Request, state: State) -> Response:
              **_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request, state: State) -> Response:
     return await infer(request, state, name, version)
+
+
+add_head(router, "/v2/health/live", "/v2/health/ready")

@@ -27,6 +27,7 @@ from tests.service_helpers import DEFAULT_MODEL, REPO, digits_rows
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
 COMPOSE_GPU = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+COMPOSE_TLS = yaml.safe_load((REPO / "docker-compose.tls.yml").read_text())
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "vaeserve.json"
 
@@ -114,7 +115,7 @@ def local_paths(compose: dict) -> Iterator[Path]:
 
 
 def test_compose_references_only_files_that_exist():
-    paths = list(local_paths(COMPOSE)) + list(local_paths(COMPOSE_GPU))
+    paths = list(local_paths(COMPOSE)) + list(local_paths(COMPOSE_GPU)) + list(local_paths(COMPOSE_TLS))
     assert len(paths) >= 5
     for path in paths:
         assert path.exists(), path
@@ -144,6 +145,25 @@ def test_gpu_override_reserves_an_nvidia_gpu():
     assert svc["build"]["args"]["DEVICE"] == "cuda" and svc["environment"]["VAE_DEVICE"] == "cuda"
     device = svc["deploy"]["resources"]["reservations"]["devices"][0]
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_tls_override_serves_mutual_tls_and_prometheus_scrapes_over_it():
+    svc = COMPOSE_TLS["services"]["vaeserve"]
+    settings = Settings(**{k[4:].lower(): v for k, v in svc["environment"].items()})  # valid settings
+    (mount,) = svc["volumes"]
+    host, target, mode = mount.split(":")
+    assert mode == "ro" and all(str(p.parent) == target for p in (settings.tls_cert, settings.tls_key,
+                                                                   settings.tls_client_ca))
+    assert "healthcheck" not in svc  # the base one reads the TLS settings and probes over TLS
+    files = {Path(p).name for p in (settings.tls_cert, settings.tls_key, settings.tls_client_ca)}
+    assert all(f"`{name}`" in (REPO / host / "README.md").read_text() for name in files)
+    config_mount, tls_mount = COMPOSE_TLS["services"]["prometheus"]["volumes"]
+    assert config_mount.split(":")[1] == COMPOSE["services"]["prometheus"]["volumes"][0].split(":")[1]
+    job = yaml.safe_load((REPO / config_mount.split(":")[0]).read_text())["scrape_configs"][0]
+    assert job["scheme"] == "https" and job["metrics_path"] == "/metrics"
+    assert {Path(v).name for k, v in job["tls_config"].items() if k.endswith("_file")} == files
+    assert all(Path(v).parent == Path(tls_mount.split(":")[1]) for k, v in job["tls_config"].items()
+               if k.endswith("_file"))
 
 
 def test_prometheus_config_scrapes_the_service_metrics_path():

@@ -16,6 +16,7 @@ import yaml
 from service.__main__ import GRACEFUL_SHUTDOWN_S
 from service.app import create_app
 from service.auth import OPEN_PATHS
+from service.healthcheck import LIVE_PATH, READY_PATH
 from service.metrics import Metrics
 from service.settings import Settings
 from tests.service_helpers import REPO
@@ -97,7 +98,8 @@ def pod_containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return [] if spec is None else spec.get("initContainers", []) + spec.get("containers", [])
 
 
-BUILDS = {"base": KUBE / "base", "overlays/models-pvc": KUBE / "overlays" / "models-pvc"}
+BUILDS = {"base": KUBE / "base", "overlays/models-pvc": KUBE / "overlays" / "models-pvc",
+          "overlays/tls": KUBE / "overlays" / "tls"}
 LOOSE = {"kserve": KUBE / "kserve" / "inferenceservice.yaml",
          "examples/hpa-queue-depth": KUBE / "examples" / "hpa-queue-depth.yaml",
          "examples/prometheus-adapter-rules": KUBE / "examples" / "prometheus-adapter-rules.yaml"}
@@ -150,12 +152,27 @@ def test_deployment_agrees_with_the_service(build):
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert set(deployment["spec"]["selector"]["matchLabels"].items()) <= set(pod["metadata"]["labels"].items())
+    probed = {}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        get = container[probe]["httpGet"]
-        assert get["path"] in ROUTES and get["path"] in OPEN_PATHS and get["port"] == "http", probe
+        if settings.tls_client_ca is not None:  # kubelet cannot present a client certificate: the module probes
+            command = container[probe]["exec"]["command"]
+            assert command[:3] == ["python3", "-m", "service.healthcheck"], probe
+            probed[probe] = {"ready": READY_PATH, "live": LIVE_PATH}[command[3]]
+        else:
+            get = container[probe]["httpGet"]
+            assert get["port"] == "http" and get.get("scheme", "HTTP") == settings.scheme.upper(), probe
+            probed[probe] = get["path"]
+        assert probed[probe] in ROUTES and probed[probe] in OPEN_PATHS, probe
         assert container[probe]["timeoutSeconds"] <= container[probe]["periodSeconds"]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
-    assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+    assert probed["readinessProbe"] == "/health/ready" and probed["livenessProbe"] == "/health/live"
+    if settings.tls_cert is not None:  # the files the settings name are where the secret is mounted
+        tls_mount = next(m for m in container["volumeMounts"] if m["name"] == "tls")
+        secret = next(v for v in spec["volumes"] if v["name"] == "tls")["secret"]
+        for path in (settings.tls_cert, settings.tls_key, settings.tls_client_ca):
+            assert str(path.parent) == tls_mount["mountPath"] and tls_mount["readOnly"]
+            assert path.name in ("tls.crt", "tls.key", "ca.crt") and secret["secretName"] == "vaeserve-tls"
+        (endpoint,) = docs["ServiceMonitor"]["spec"]["endpoints"]
+        assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["keySecret"]["name"] == "vaeserve-tls"
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
     assert spec["terminationGracePeriodSeconds"] > pre_stop + GRACEFUL_SHUTDOWN_S
     for key in ("requests", "limits"):
@@ -169,7 +186,7 @@ def test_deployment_agrees_with_the_service(build):
     models = mounts[str(settings.model_dir)]
     assert models["readOnly"] and "/tmp" in mounts
     volume = next(v for v in spec["volumes"] if v["name"] == models["name"])
-    if build == "base":  # the init container fills the models volume before the server starts
+    if build != "overlays/models-pvc":  # the init container fills the models volume before the server starts
         (init,) = spec["initContainers"]
         assert any(m["name"] == models["name"] for m in init["volumeMounts"]) and "emptyDir" in volume
     else:

@@ -54,10 +54,13 @@ def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray
 
 
 def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: str,
-                 samples: int | None, api_key: str | None, progress: bool) -> dict[str, np.ndarray]:
+                 samples: int | None, api_key: str | None, progress: bool, ca: Path | None = None,
+                 cert: Path | None = None, key: Path | None = None) -> dict[str, np.ndarray]:
     from vaeclient import Client
 
-    with Client(url, model=model, version=version, api_key=api_key, retries=20) as client:
+    # Overload (503) is waited out; a URL that does not answer fails in about a second.
+    with Client(url, model=model, version=version, api_key=api_key, retries=20, connect_retries=3, ca=ca, cert=cert,
+                key=key) as client:
         limits = client.models()["limits"]
         k = samples or (1 if score == "elbo" else 64)
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
@@ -114,6 +117,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="with --url: model name [default: the server's default]")
     p.add_argument("--version", type=int, help="with --url: model version [default: latest]")
     p.add_argument("--api-key", help="with --url: an API key, when the server requires one")
+    p.add_argument("--ca", type=Path, help="with an https --url: PEM CA bundle that signed the server's certificate "
+                   "(for a self-signed or private CA; the certificate is always verified)")
+    p.add_argument("--cert", type=Path, help="with an https --url: client certificate (PEM) for mutual TLS")
+    p.add_argument("--key", type=Path, help="with --cert: its private key (PEM), unless the certificate file holds it")
     p.add_argument("--score", choices=("elbo", "iwae", "complexity"), default="elbo",
                    help="which score (README: Anomaly detection)")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
@@ -131,14 +138,21 @@ def main(argv: list[str] | None = None) -> int:
         x, ids = read_rows(args.input, args.id_column)
         if args.url:
             result = score_remote(x, url=args.url, model=args.model, version=args.version, score=args.score,
-                                  samples=args.samples, api_key=args.api_key, progress=not args.no_progress)
+                                  samples=args.samples, api_key=args.api_key, progress=not args.no_progress,
+                                  ca=args.ca, cert=args.cert, key=args.key)
         else:
             result = score_local(x, model_dir=args.model_dir, score=args.score, samples=args.samples,
                                  progress=not args.no_progress)
         write(args.output, result, ids, args.id_column)
     except Exception as e:  # noqa: BLE001 - a command line says what went wrong, without a traceback
+        import httpx
+
         from vaeclient import APIError
 
+        if isinstance(e, httpx.TransportError):
+            hint = " (with mutual TLS, pass --cert and --key)" if args.url.startswith("https") else ""
+            print(f"vae-score: error: cannot reach {args.url}: {e or type(e).__name__}{hint}", file=sys.stderr)
+            return 2
         if not isinstance(e, DataError | APIError | OSError | ValueError):
             raise
         print(f"vae-score: error: {e}", file=sys.stderr)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import io
 import secrets
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -35,6 +37,16 @@ from vaeclient.results import (
 R = TypeVar("R", bound=Result)
 NPY, NPZ = "application/x-npy", "application/x-npz"
 RETRYABLE_TRANSPORT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
+
+
+def _tls_refusal(exc: BaseException) -> bool:
+    """A TLS failure (an unverified certificate, or the server refusing ours) stays one: no retry."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -131,6 +143,7 @@ class _Operations:
     model: str | None
     version: int | None
     retries: int
+    connect_retries: int | None
     max_retry_wait: float
 
     def _execute(self, build: Callable[[Limits], _Plan]) -> Any:
@@ -140,8 +153,10 @@ class _Operations:
         return {"model": model or self.model, "version": version or self.version}
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float | None:
-        """Seconds to wait before trying again, or None to stop: only 503s and failed connections retry."""
-        if attempt >= self.retries or (response is not None and response.status_code != 503):
+        """Seconds to wait before trying again, or None to stop: only 503s and failed connections retry
+        (the latter `connect_retries` times, when set: a wrong URL or certificate fails fast)."""
+        limit = self.retries if response is not None or self.connect_retries is None else self.connect_retries
+        if attempt >= limit or (response is not None and response.status_code != 503):
             return None
         backoff = 0.1 * 2**attempt
         if response is not None:
@@ -226,6 +241,25 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return headers
 
 
+def tls_context(ca: str | Path | None = None, cert: str | Path | None = None,
+                key: str | Path | None = None) -> ssl.SSLContext | bool:
+    """How an https:// URL is verified: httpx's CA bundle (True), or `ca` (a PEM bundle, e.g. for a
+    self-signed server); `cert` (and `key`, unless the PEM holds both) is the client certificate for
+    mutual TLS. A certificate is always verified: there is no switch to turn that off."""
+    if ca is None and cert is None and key is None:
+        return True
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    if ca is None:
+        import certifi
+
+        context.load_verify_locations(certifi.where())
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key is not None else None)
+    elif key is not None:
+        raise ValueError("a client key without its certificate: pass cert= as well")
+    return context
+
+
 class Client(_Operations):
     """A blocking client. Use as a context manager, or call close().
 
@@ -234,10 +268,14 @@ class Client(_Operations):
     """
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, version: int | None = None,
-                 api_key: str | None = None, timeout: float = 30.0, retries: int = 3, max_retry_wait: float = 30.0,
+                 api_key: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 connect_retries: int | None = None, max_retry_wait: float = 30.0,
+                 ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None,
                  transport: httpx.BaseTransport | None = None):
         self.model, self.version, self.retries, self.max_retry_wait = model, version, retries, max_retry_wait
-        self._http = httpx.Client(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport)
+        self.connect_retries = connect_retries
+        self._http = httpx.Client(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport,
+                                  verify=tls_context(ca, cert, key))
         self._cached_limits: Limits | None = None
 
     def __enter__(self) -> Client:
@@ -274,8 +312,8 @@ class Client(_Operations):
             try:
                 response = self._http.request(method, path, params=params, content=body or None,
                                               headers={"Content-Type": NPY} if body else None)
-            except RETRYABLE_TRANSPORT:
-                delay = self._delay(attempt, None)
+            except RETRYABLE_TRANSPORT as e:
+                delay = None if _tls_refusal(e) else self._delay(attempt, None)
                 if delay is None:
                     raise
             else:
@@ -294,10 +332,14 @@ class AsyncClient(_Operations):
     """The same operations as `Client`, awaited: `await vae.encode(rows)`."""
 
     def __init__(self, url: str = "http://127.0.0.1:8000", *, model: str | None = None, version: int | None = None,
-                 api_key: str | None = None, timeout: float = 30.0, retries: int = 3, max_retry_wait: float = 30.0,
+                 api_key: str | None = None, timeout: float = 30.0, retries: int = 3,
+                 connect_retries: int | None = None, max_retry_wait: float = 30.0,
+                 ca: str | Path | None = None, cert: str | Path | None = None, key: str | Path | None = None,
                  transport: httpx.AsyncBaseTransport | None = None):
         self.model, self.version, self.retries, self.max_retry_wait = model, version, retries, max_retry_wait
-        self._http = httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport)
+        self.connect_retries = connect_retries
+        self._http = httpx.AsyncClient(base_url=url, headers=_headers(api_key), timeout=timeout, transport=transport,
+                                       verify=tls_context(ca, cert, key))
         self._cached_limits: Limits | None = None
 
     async def __aenter__(self) -> AsyncClient:
@@ -334,8 +376,8 @@ class AsyncClient(_Operations):
             try:
                 response = await self._http.request(method, path, params=params, content=body or None,
                                                     headers={"Content-Type": NPY} if body else None)
-            except RETRYABLE_TRANSPORT:
-                delay = self._delay(attempt, None)
+            except RETRYABLE_TRANSPORT as e:
+                delay = None if _tls_refusal(e) else self._delay(attempt, None)
                 if delay is None:
                     raise
             else:
