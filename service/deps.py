@@ -44,6 +44,7 @@ State = Annotated[AppState, Depends(get_state)]
 def add_head(router: APIRouter, *paths: str) -> None:
     """HEAD beside GET on probe paths (load balancers and uptime checks send it), kept out of the schema:
     one route with both methods would give both operations the same OpenAPI operation id."""
-    for route in [r for r in router.routes if isinstance(r, APIRoute) and r.path in paths and "GET" in (r.methods or ())]:
+    gets = [r for r in router.routes if isinstance(r, APIRoute) and r.path in paths and "GET" in (r.methods or ())]
+    for route in gets:
         router.add_api_route(route.path.removeprefix(router.prefix), route.endpoint, methods=["HEAD"],
                              include_in_schema=False)

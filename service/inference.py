@@ -17,7 +17,7 @@ import numpy as np
 from service.errors import InvalidInput
 from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
-from service.scoring import sample_latents, served_score, with_label
+from service.scoring import explanation, sample_latents, served_score, with_label
 
 Payload = dict[str, Any]
 
@@ -130,10 +130,11 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
 
 
 async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,
-                        calibration: Calibration, threshold: float | None, labels: np.ndarray | None = None
-                        ) -> Payload:
+                        calibration: Calibration, threshold: float | None, labels: np.ndarray | None = None,
+                        explain: bool = False) -> Payload:
     """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
-    (a conditional model scores -log p(x | label))."""
+    (a conditional model scores -log p(x | label)); with `explain`, each feature's part of the
+    reconstruction term (`scoring.explanation`), and the manifest's feature names."""
     xm = model.to_model_space(x)
     mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
     eps = model.noise(samples)
@@ -145,4 +146,6 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
         **_header(model), "score": values, "reconstruction": reconstruction, "kl": kl,
         "percentile": calibration.percentile(values), "is_anomaly": values > used, "threshold": used,
         "samples": samples, "score_name": score,
+        **({"explanation": explanation(xm, out, samples, m.likelihood, m.decoder_logvar),
+            "feature_names": m.feature_names} if explain else {}),
     }

@@ -62,11 +62,12 @@ def encode_png(picture: np.ndarray) -> bytes:
 
 def picture(rows: np.ndarray, input_shape: tuple[int, ...], low: np.ndarray, high: np.ndarray, *,
             columns: int | None = None, upscale: int | None = None, pairs: np.ndarray | None = None,
-            strip: bool = False) -> bytes:
+            strip: bool = False, pairs_range: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
     """Data-space rows [N, D] of an image model -> a PNG.
 
     pairs: rows [N, D] shown left of each row (inputs beside their reconstructions; `columns` then
-    counts pairs). strip: one row of images (an interpolation) unless `columns` is given.
+    counts pairs), drawn over `pairs_range` when given (inputs beside a heat map of another range).
+    strip: one row of images (an interpolation) unless `columns` is given.
     Default columns: ceil(sqrt(N)) for a grid or pairs.
     """
     c, h, w = input_shape
@@ -76,7 +77,7 @@ def picture(rows: np.ndarray, input_shape: tuple[int, ...], low: np.ndarray, hig
         columns = n if strip else math.ceil(math.sqrt(n))
     images = to_grey(rows, low, high).reshape(n, c, h, w)
     if pairs is not None:
-        left = to_grey(pairs, low, high).reshape(n, c, h, w)
+        left = to_grey(pairs, *(pairs_range or (low, high))).reshape(n, c, h, w)
         images = np.stack([left, images], axis=1).reshape(2 * n, c, h, w)
         columns *= 2
     return encode_png(grid(images, columns, scale))
@@ -88,23 +89,35 @@ MAX_IMAGES = 4096  # images in one PNG answer
 def check_drawable(input_shape: tuple[int, ...], operation_draws: bool) -> None:
     """Refuse Accept: image/png before any work when the answer cannot be a picture."""
     if not operation_draws:
-        raise NotAcceptable("image/png answers /sample, /decode, /reconstruct and /interpolate; this endpoint "
-                            "answers application/json or application/x-npz")
+        raise NotAcceptable("image/png answers /sample, /decode, /reconstruct, /interpolate and /anomaly-score "
+                            "with explain: true; this request is answered as application/json or "
+                            "application/x-npz")
     if len(input_shape) != 3 or input_shape[0] not in (1, 3):
         raise NotAcceptable(f"image/png is for image models (input shape [1 or 3, H, W]); this model's rows are "
                             f"{list(input_shape)}")
+
+
+def _check_count(images: int) -> None:
+    if images > MAX_IMAGES:
+        raise InvalidInput(f"a PNG answer holds at most {MAX_IMAGES} images, this one would hold {images}; "
+                           "ask for fewer rows, or for JSON", field="columns")
 
 
 def render(call: Any, payload: dict[str, Any]) -> bytes:
     """The PNG for a native answer (`call` is the request's Call): outputs, with /reconstruct's inputs beside them."""
     model = call.model
     p = call.params
+    low, high = model.data_range()
+    if "explanation" in payload:  # each input beside its heat map: 0 nats black, the answer's largest part white
+        heat = payload["explanation"]
+        top = float(heat.max()) if heat.size else 0.0
+        outputs, inputs = heat, call.rows("inputs")
+        heat_low, heat_high = np.zeros(heat.shape[1]), np.full(heat.shape[1], top if top > 0 else 1.0)
+        _check_count(2 * len(outputs))
+        return picture(outputs, model.input_shape, heat_low, heat_high, columns=p.columns, upscale=p.upscale,
+                       pairs=inputs, pairs_range=(low, high))
     outputs = payload["outputs"]
     inputs = call.rows("inputs") if isinstance(p, ReconstructParams) else None
-    images = len(outputs) * (1 if inputs is None else 2)
-    if images > MAX_IMAGES:
-        raise InvalidInput(f"a PNG answer holds at most {MAX_IMAGES} images, this one would hold {images}; "
-                           "ask for fewer rows, or for JSON", field="columns")
-    low, high = model.data_range()
+    _check_count(len(outputs) * (1 if inputs is None else 2))
     return picture(outputs, model.input_shape, low, high, columns=p.columns, upscale=p.upscale, pairs=inputs,
                    strip="t" in payload)

@@ -22,7 +22,7 @@ from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.operations import Operation, Payload
-from service.schemas import ARRAY_FIELDS
+from service.schemas import ARRAY_FIELDS, PictureFields
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -76,7 +76,7 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
     if answer == codec.PNG:
-        pictures.check_drawable(model.input_shape, "columns" in params_type.model_fields)
+        pictures.check_drawable(model.input_shape, isinstance(params, PictureFields) and params.draws())
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=state.settings,
                 maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG)
 

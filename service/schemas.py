@@ -61,6 +61,10 @@ class Common(BaseModel):
 class PictureFields(BaseModel):
     """How an image model draws its answer as a PNG (Accept: image/png)."""
 
+    def draws(self) -> bool:
+        """Whether this request's answer can be a picture."""
+        return True
+
     columns: int | None = Field(None, ge=1, le=1024, description="PNG answers: images (pairs, for /reconstruct) "
                                 "per row of the grid; null = a square grid, or one strip for /interpolate")
     upscale: int | None = Field(None, ge=1, le=32, description="PNG answers: each pixel becomes an upscale x "
@@ -119,7 +123,7 @@ class InterpolateRequest(InterpolateParams):
     end_latent: Row | None = None
 
 
-class AnomalyParams(Common):
+class AnomalyParams(Common, PictureFields):
     score: Literal["elbo", "iwae", "complexity"] | None = Field(
         None, description="elbo: negative ELBO (nats); iwae: importance-weighted -log p(x) (nats); complexity "
                           "(Bernoulli image models): -log2 p(x) minus half the compressed length of the image's "
@@ -128,6 +132,13 @@ class AnomalyParams(Common):
     samples: int | None = Field(None, ge=1, description="K; null = the K the score was calibrated with "
                                                         "(1 for elbo, 64 for iwae and complexity)")
     threshold: float | None = Field(None, allow_inf_nan=False, description="null = the model's calibrated one")
+    explain: bool = Field(False, description="also answer `explanation`: each feature's part of the row's "
+                          "reconstruction term, -log p(x_j | z) in nats averaged over the K samples (a row's parts "
+                          "sum to its `reconstruction`), and `feature_names` (a table's columns). An image model "
+                          "answers Accept: image/png with each input beside its per-pixel heat map")
+
+    def draws(self) -> bool:
+        return self.explain
 
 
 class AnomalyRequest(AnomalyParams):
@@ -179,6 +190,9 @@ class AnomalyResponse(Header):
     threshold: float
     samples: int
     score_name: str = Field(description="the score served: elbo, iwae or complexity")
+    explanation: Rows | None = Field(None, description="with explain: [N, D] nats per feature (an image's pixels "
+                                     "in C x H x W order)")
+    feature_names: list[str] | None = Field(None, description="with explain: the manifest's column names, if any")
 
 
 class ErrorDetail(BaseModel):

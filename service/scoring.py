@@ -65,17 +65,36 @@ def sample_latents(mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.
         return z.reshape(-1, mean.shape[1]).astype(np.float32)
 
 
-def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
-                   decoder_logvar: float | list[float] | None) -> np.ndarray:
-    """log p(x | z) summed over features, nats; x [M, D], output [M, D] (probabilities or mean)."""
+def feature_log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
+                           decoder_logvar: float | list[float] | None) -> np.ndarray:
+    """log p(x_j | z) per feature, nats [M, D]; x [M, D], output [M, D] (probabilities or mean)."""
     x = x.astype(np.float64)
     out = output.astype(np.float64)
     if likelihood == "bernoulli":
         p = np.clip(out, PROB_EPS, 1.0 - PROB_EPS)
-        return np.sum(x * np.log(p) + (1.0 - x) * np.log1p(-p), axis=1)
+        return x * np.log(p) + (1.0 - x) * np.log1p(-p)
     assert decoder_logvar is not None
     lv = np.asarray(decoder_logvar, dtype=np.float64)  # a scalar, or one per feature [D]
-    return -0.5 * np.sum(LOG_2PI + lv + (x - out) ** 2 * np.exp(-lv), axis=1)
+    return -0.5 * (LOG_2PI + lv + (x - out) ** 2 * np.exp(-lv))
+
+
+def log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
+                   decoder_logvar: float | list[float] | None) -> np.ndarray:
+    """log p(x | z) summed over features, nats [M]."""
+    return np.sum(feature_log_likelihood(x, output, likelihood, decoder_logvar), axis=1)
+
+
+def explanation(x: np.ndarray, output: np.ndarray, samples: int, likelihood: str,
+                decoder_logvar: float | list[float] | None) -> np.ndarray:
+    """Each feature's part of a row's reconstruction term, -log p(x_j | z) averaged over the K samples,
+    nats [N, D]: a row's parts sum to its `reconstruction`; the KL term belongs to no feature.
+
+    x [N, D] in model space, output [N*K, D] as in `scores`. Far from the data a part overflows; it is
+    then the ceiling, like a score."""
+    n = x.shape[0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        parts = -feature_log_likelihood(np.repeat(x, samples, axis=0), output, likelihood, decoder_logvar)
+        return _finite(parts.reshape(n, samples, -1).mean(axis=1))
 
 
 def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:

@@ -53,7 +53,8 @@ OUTPUTS: dict[str, dict[str, tuple[str, str]]] = {
     "interpolate": {"t": ("one", "FP32"), "latents": ("latent", "FP32"), "outputs": ("data", "FP32")},
     # Scores are computed in float64 and served as such, so v2 and native answers agree exactly.
     "anomaly-score": {"score": ("one", "FP64"), "reconstruction": ("one", "FP64"), "kl": ("one", "FP64"),
-                      "percentile": ("one", "FP64"), "is_anomaly": ("one", "BOOL")},
+                      "percentile": ("one", "FP64"), "is_anomaly": ("one", "BOOL"),
+                      "explanation": ("data", "FP64")},  # only with the parameter explain: true
 }
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.bool_): "BOOL"}
 

@@ -69,3 +69,19 @@ def test_bad_input_stops_with_a_clear_message(server, tiny_repo, tmp_path, capsy
     assert "no rows" in capsys.readouterr().err
     assert score_main([str(tmp_path / "narrow.npy"), "--url", server.url, "-o", str(tmp_path / "o.txt")]) == 2
     assert "--output must end in .csv or .npy" in capsys.readouterr().err
+
+
+def test_explain_through_the_service_equals_in_process(server, tiny_repo, tmp_path):
+    np.save(tmp_path / "rows.npy", np.concatenate([digits_rows(70, start=500), np.full((3, 64), 16.0)]))
+    outs = {}
+    for where, flags in (("remote", ["--url", server.url, "--model", "tiny"]),
+                         ("local", ["--model-dir", str(tiny_repo / "tiny" / "1")])):
+        outs[where] = tmp_path / f"{where}.csv"
+        assert score_main([str(tmp_path / "rows.npy"), *flags, "-o", str(outs[where]), "--explain", "3",
+                           "--no-progress"]) == 0
+    remote, local = read_csv(outs["remote"]), read_csv(outs["local"])
+    assert len(remote) == 73 and remote[0].keys() == local[0].keys()  # 73 rows: two chunks of VAE_MAX_ROWS=64
+    for a, b in zip(remote, local, strict=True):
+        assert [a[f"feature_{j}"] for j in (1, 2, 3)] == [b[f"feature_{j}"] for j in (1, 2, 3)]
+        assert float(a["part_1"]) == pytest.approx(float(b["part_1"]), rel=1e-5)
+    assert remote[0]["feature_1"].startswith("x")  # digits pixels have no names: x0 .. x63

@@ -20,7 +20,7 @@ import numpy as np
 from service.folder import open_graphs
 from service.manifest import Calibration, Manifest, ScoreName, score_asked
 from service.runtime import Runtime
-from service.scoring import score_with_graphs
+from service.scoring import common_noise, explanation, sample_latents, score_with_graphs
 from training.data import DataError, check_finite, read_csv_table
 
 
@@ -90,6 +90,17 @@ class ServedScorer:
         return score_with_graphs(self.encoder, self.decoder, xm, score=score, samples=samples or calibration.samples,
                                  seed=calibration.seed, latent_dim=m.latent_dim, likelihood=m.likelihood,
                                  decoder_logvar=m.decoder_logvar)
+
+    def explain(self, x: np.ndarray, samples: int | None = None, score: ScoreName = "elbo") -> np.ndarray:
+        """Each feature's part of the reconstruction term [N, D], nats, as POST /anomaly-score explains it."""
+        m = self.manifest
+        calibration = self.calibration(score)
+        k = samples or calibration.samples
+        shift, scale = m.preprocessing.arrays()
+        xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
+        mean, logvar = self.encoder(xm)
+        (out,) = self.decoder(sample_latents(mean, logvar, common_noise(k, m.latent_dim, calibration.seed)))
+        return explanation(xm, out, k, m.likelihood, m.decoder_logvar)
 
     def calibration(self, score: ScoreName) -> Calibration:
         calibration = self.manifest.calibration_for(score)

@@ -7,7 +7,9 @@ Through a service, rows go as `.npy` chunks of the server's row limit (vaeclient
 out per Retry-After, a 4xx stops the run with the server's message). In-process, the exported graphs
 score them exactly as the service does (its preprocessing, fixed noise and calibration), so both ways
 give the same numbers. Output: CSV (the id column first when given, then score, percentile,
-is_anomaly) or `.npy` (a structured array with the same fields).
+is_anomaly) or `.npy` (a structured array with the same fields). `--explain K` adds, per row, the K
+features with the largest part of the reconstruction term: feature_1, part_1, ... (names from the
+model's manifest, else x0, x1, ...).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import csv
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -55,9 +58,8 @@ def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray
 
 def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: str,
                  samples: int | None, api_key: str | None, progress: bool, ca: Path | None = None,
-                 cert: Path | None = None, key: Path | None = None) -> dict[str, np.ndarray]:
+                 cert: Path | None = None, key: Path | None = None, explain: int = 0) -> dict[str, Any]:
     from vaeclient import Client
-
     # Overload (503) is waited out; a URL that does not answer fails in about a second.
     with Client(url, model=model, version=version, api_key=api_key, retries=20, connect_retries=3, ca=ca, cert=cert,
                 key=key) as client:
@@ -65,15 +67,30 @@ def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | N
         k = samples or (1 if score == "elbo" else 64)
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
+        names: list[str] | None = None
         for start in tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress):
-            r = client.anomaly_score(x[start : start + chunk], score=score, samples=samples)
-            parts.append((r.score, r.percentile, r.is_anomaly))
-    return {"score": np.concatenate([p[0] for p in parts]), "percentile": np.concatenate([p[1] for p in parts]),
-            "is_anomaly": np.concatenate([p[2] for p in parts])}
+            r = client.anomaly_score(x[start : start + chunk], score=score, samples=samples, explain=explain > 0)
+            parts.append((r.score, r.percentile, r.is_anomaly, top_features(r.explanation, explain)))
+            names = r.feature_names
+    result: dict[str, Any] = {"score": np.concatenate([p[0] for p in parts]),
+                              "percentile": np.concatenate([p[1] for p in parts]),
+                              "is_anomaly": np.concatenate([p[2] for p in parts])}
+    if explain:
+        result["top"] = (np.concatenate([p[3][0] for p in parts]), np.concatenate([p[3][1] for p in parts]), names)
+    return result
+
+
+def top_features(parts: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest parts per row: (feature indices [N, k], parts [N, k]), largest first."""
+    if parts is None or k == 0:
+        return np.zeros((0, 0), dtype=np.int64), np.zeros((0, 0))
+    k = min(k, parts.shape[1])
+    index = np.argsort(-parts, axis=1, kind="stable")[:, :k]
+    return index, np.take_along_axis(parts, index, axis=1)
 
 
 def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: int | None,
-                progress: bool) -> dict[str, np.ndarray]:
+                progress: bool, explain: int = 0) -> dict[str, Any]:
     from training.anomaly import ServedScorer
 
     scorer = ServedScorer.load(model_dir)
@@ -83,27 +100,43 @@ def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: in
     chunk = 8192
     scores = np.concatenate([scorer(x[s : s + chunk], samples, score) for s in
                              tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress)])
-    return {"score": scores, "percentile": cal.percentile(scores), "is_anomaly": scores > cal.threshold}
+    result: dict[str, Any] = {"score": scores, "percentile": cal.percentile(scores),
+                              "is_anomaly": scores > cal.threshold}
+    if explain:
+        tops = [top_features(scorer.explain(x[s : s + chunk], samples, score), explain)
+                for s in range(0, len(x), chunk)]
+        result["top"] = (np.concatenate([t[0] for t in tops]), np.concatenate([t[1] for t in tops]),
+                         scorer.manifest.feature_names)
+    return result
 
 
-def write(out: Path, result: dict[str, np.ndarray], ids: np.ndarray | None, id_column: str | None) -> None:
+def write(out: Path, result: dict[str, Any], ids: np.ndarray | None, id_column: str | None) -> None:
+    index, parts, names = result.get("top") or (np.zeros((len(result["score"]), 0), dtype=np.int64), None, None)
+    k = index.shape[1]
+    labels = np.asarray(names if names else [f"x{j}" for j in range(int(index.max(initial=0)) + 1)])
+    top_names = labels[index] if k else index
     if out.suffix == ".npy":
         fields = ([(id_column or "id", ids.dtype)] if ids is not None else []) + [
             ("score", np.float64), ("percentile", np.float64), ("is_anomaly", np.bool_)]
+        fields += [f for j in range(k) for f in ((f"feature_{j + 1}", labels.dtype), (f"part_{j + 1}", np.float64))]
         table = np.empty(len(result["score"]), dtype=fields)
         if ids is not None:
             table[id_column or "id"] = ids
         for key in ("score", "percentile", "is_anomaly"):
             table[key] = result[key]
+        for j in range(k):
+            table[f"feature_{j + 1}"], table[f"part_{j + 1}"] = top_names[:, j], parts[:, j]  # type: ignore[index]
         np.save(out, table, allow_pickle=False)
         return
     with out.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(([id_column] if ids is not None else []) + ["score", "percentile", "is_anomaly"])
+        w.writerow(([id_column] if ids is not None else []) + ["score", "percentile", "is_anomaly"]
+                   + [c for j in range(k) for c in (f"feature_{j + 1}", f"part_{j + 1}")])
         for i in range(len(result["score"])):
             w.writerow(([ids[i]] if ids is not None else []) + [
                 repr(float(result["score"][i])), f"{float(result['percentile'][i]):.4f}",
-                int(result["is_anomaly"][i])])
+                int(result["is_anomaly"][i])] + [c for j in range(k) for c in (
+                    top_names[i, j], f"{float(parts[i, j]):.6g}")])  # type: ignore[index]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -125,6 +158,8 @@ def parser() -> argparse.ArgumentParser:
                    help="which score (README: Anomaly detection)")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
     p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
+    p.add_argument("--explain", type=int, default=0, metavar="K",
+                   help="add each row's K features with the largest part of the reconstruction term (0: none)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -139,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             result = score_remote(x, url=args.url, model=args.model, version=args.version, score=args.score,
                                   samples=args.samples, api_key=args.api_key, progress=not args.no_progress,
-                                  ca=args.ca, cert=args.cert, key=args.key)
+                                  ca=args.ca, cert=args.cert, key=args.key, explain=args.explain)
         else:
             result = score_local(x, model_dir=args.model_dir, score=args.score, samples=args.samples,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, explain=args.explain)
         write(args.output, result, ids, args.id_column)
     except Exception as e:  # noqa: BLE001 - a command line says what went wrong, without a traceback
         import httpx

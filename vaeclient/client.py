@@ -99,6 +99,8 @@ def _merge(cls: type[R], parts: list[dict[str, np.ndarray]], **override: Any) ->
             values[f.name] = None
         elif parts[0][f.name].ndim == 0:
             values[f.name] = parts[0][f.name].item()
+        elif parts[0][f.name].dtype.kind == "U":  # names (feature_names): the same in every chunk
+            values[f.name] = parts[0][f.name].tolist()
         else:
             values[f.name] = np.concatenate([p[f.name] for p in parts]) if len(parts) > 1 else parts[0][f.name]
     return cls(**values)
@@ -186,16 +188,18 @@ class _Operations:
                                                   seed, sample=sample, **self._common(model, version)))
 
     def anomaly_score(self, x: Any, *, score: str | None = None, samples: int | None = None,
-                      threshold: float | None = None, model: str | None = None, version: int | None = None) -> Any:
+                      threshold: float | None = None, explain: bool = False, model: str | None = None,
+                      version: int | None = None) -> Any:
         """Rows -> AnomalyResult. score: elbo | iwae | complexity (None: the server's default); samples:
-        None = the K the score was calibrated with. Chunks keep rows x K within VAE_MAX_DECODE_ROWS."""
+        None = the K the score was calibrated with; explain: each feature's part of the reconstruction
+        term (`explanation`, `feature_names`). Chunks keep rows x K within VAE_MAX_DECODE_ROWS."""
         rows = _rows(x, "x")
         assumed_k = samples or (1 if score in (None, "elbo") else 64)  # the server's calibrated K by default
 
         def build(lim: Limits) -> _Plan:
             size = max(1, min(lim.max_rows, lim.max_decode_rows // assumed_k))
             return _chunked(AnomalyResult, "/anomaly-score", rows, size, False, None, score=score, samples=samples,
-                            threshold=threshold, **self._common(model, version))
+                            threshold=threshold, explain=explain or None, **self._common(model, version))
         return self._execute(build)
 
     def sample(self, n: int, *, seed: int | None = None, temperature: float = 1.0, model: str | None = None,

@@ -57,3 +57,5 @@ class AnomalyResult(Result):
     threshold: float
     samples: int
     score_name: str  # elbo, iwae or complexity
+    explanation: np.ndarray | None = None  # with explain=True: [N, D] nats per feature, summing to reconstruction
+    feature_names: list[str] | None = None  # with explain=True: the model's column names, when it has them
