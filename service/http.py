@@ -33,12 +33,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         settings = get_settings()
         self.header_timeout, self.max_header_bytes = settings.header_timeout_s, settings.max_header_bytes
-        self._parsed_bytes = self._unparsed_bytes = 0
+        self._unparsed_bytes = self._chunk_bytes = 0
         self._in_headers = True  # until the first request's headers end
         self._refused = False
         self._header_deadline: asyncio.TimerHandle | None = None
         super().connection_made(transport)
-        self._arm()
+        self._arm()  # a connection that never sends a byte
 
     def _arm(self) -> None:
         if self._header_deadline is None:
@@ -49,37 +49,36 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._header_deadline.cancel()
             self._header_deadline = None
 
+    # The common case costs nothing: a request whose headers arrive in one chunk arms no timer, and its
+    # headers are only counted when the bytes seen could exceed the limit.
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        self._chunk_bytes = len(data)
         super().data_received(data)
         if self._in_headers and not self._refused:
-            # The parser is still inside the headers, so every byte of this chunk belongs to them: this
-            # bounds a header that never ends (the parsed lengths below only count finished ones).
+            # The parser is still inside the headers, so every byte of this chunk belongs to them.
             self._unparsed_bytes += len(data)
             if self._unparsed_bytes > self.max_header_bytes:
                 self._refuse(431)
+            else:
+                self._arm()  # the deadline runs from this request's first byte
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_headers, self._parsed_bytes, self._unparsed_bytes = True, 0, 0
-        self._arm()
-
-    def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        self._parsed_bytes += len(url)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        super().on_header(name, value)
-        self._parsed_bytes += len(name) + len(value) + 4
+        self._in_headers, self._unparsed_bytes = True, 0
 
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._disarm()
-        if self._parsed_bytes > self.max_header_bytes:
+        if self._unparsed_bytes + self._chunk_bytes > self.max_header_bytes and self._header_size() > \
+                self.max_header_bytes:
             self._refuse(431)  # before the app sees the request
             return
         super().on_headers_complete()
+
+    def _header_size(self) -> int:
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     def on_body(self, body: bytes) -> None:
         if not self._refused:
@@ -99,7 +98,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self._refused = True
-        if status == 408 and not (self._parsed_bytes or self._unparsed_bytes) and self.cycle is None:
+        if status == 408 and not self._unparsed_bytes and self.cycle is None:
             self.transport.close()  # a connection that never sent a byte gets no answer, as on keep-alive expiry
             return
         body = orjson.dumps({"error": {"code": "request_timeout" if status == 408 else "headers_too_large",
