@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
     run: dict[str, Any] = {"started": started, "machine": machine, "duration_s": duration, "warmup_s": warmup,
                            "service": {}, "raw": {}, "target_model": MNIST_NAME}
-    with tqdm(total=steps, unit="step", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]") as bar:
+    with tqdm(total=steps, unit="step", disable=None,  # None: no bar when stderr is not a terminal
+              bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]") as bar:
         bar.set_description("exporting the MNIST-sized model")
         repo = work / "models"
         mnist_folder = export_mnist_sized(repo)

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     mnist = load_mnist(args.mnist)
     classes = [int(c) for c in args.classes.split(",")]
     started = time.time()
-    with tqdm(total=1 + len(classes), unit="model") as bar:
+    with tqdm(total=1 + len(classes), unit="model", disable=None) as bar:
         bar.set_description("every class")
         simple = simple_input_aurocs(mnist, args.epochs)
         bar.update(1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -51,16 +52,36 @@ def run(settings: Settings) -> None:
         uvicorn.run("service.app:create_app", factory=True, workers=settings.workers, **common)
 
 
+def parser() -> argparse.ArgumentParser:
+    """--host and --port, the two settings people type; the rest are VAE_* variables, listed in --help."""
+    lines = []
+    for name, field in Settings.model_fields.items():
+        default = field.default if not isinstance(field.default, Path) else str(field.default)
+        lines.append(f"  VAE_{name.upper():<20} {str(default).lower() if isinstance(default, bool) else default!s:<12}"
+                     f" {field.description or ''}".rstrip())
+    p = argparse.ArgumentParser(
+        prog="vae-serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve the model repository over HTTP. Every setting is a VAE_* environment variable "
+                    "(the README's Settings table explains each); --host and --port override theirs.",
+        epilog="settings (environment variable, default, meaning):\n" + "\n".join(lines) +
+               "\n\n`vae-serve new-key --help` makes an API key.")
+    p.add_argument("--host", help="bind address (VAE_HOST)")
+    p.add_argument("--port", type=int, help="port (VAE_PORT)")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """`vae-serve` serves (settings from VAE_* variables); `vae-serve new-key` makes an API key."""
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["new-key"]:
         return new_key_main(args[1:])
-    if args:
-        print(f"vae-serve takes its settings from VAE_* environment variables (see the README); unknown "
-              f"arguments {args}. `vae-serve new-key --help` makes an API key.", file=sys.stderr)
+    flags = parser().parse_args(args)
+    overrides = {k: v for k, v in (("host", flags.host), ("port", flags.port)) if v is not None}
+    try:
+        settings = Settings(**overrides) if overrides else get_settings()
+    except ValueError as e:
+        print(f"vae-serve: {e}", file=sys.stderr)
         return 2
-    settings = get_settings()
     try:  # refuse to start on a keys file that cannot be used, rather than serve unprotected
         if settings.api_keys_file is not None:
             KeyRing.from_file(settings.api_keys_file)

@@ -117,7 +117,10 @@ def create_app(settings: Settings | None = None) -> VAEApp:
             gc.collect()
             gc.freeze()
             if not repository.default_loaded:
-                log.error("the default model %r is not loaded; /health/ready answers 503", settings.default_model)
+                loaded = ", ".join(sorted(repository.models)) or "none"
+                log.error("the default model %r (VAE_DEFAULT_MODEL) is not loaded, so /health/ready answers 503 "
+                          "until it is; loaded: %s (set VAE_DEFAULT_MODEL to one of them, or add %s/%s/<version>/)",
+                          settings.default_model, loaded, settings.model_dir, settings.default_model)
 
         async def watch() -> None:
             """Pick up new and vanished versions every VAE_RELOAD_INTERVAL seconds."""

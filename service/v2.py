@@ -300,7 +300,8 @@ async def live() -> Response:
 async def ready(state: State) -> Response:
     repo = state.repository
     if repo is None or not repo.default_loaded:
-        raise NotReady(state.load_error or "the default model is not loaded yet")
+        raise NotReady(state.load_error or f"the default model {state.settings.default_model!r} is not loaded "
+                       "(VAE_DEFAULT_MODEL)")
     return _json({"ready": True})
 
 

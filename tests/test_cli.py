@@ -1,8 +1,10 @@
+import argparse
 import json
 import re
 
 import pytest
 
+from training import cli
 from training.cli import evaluate_parser, main, train_parser
 
 FLAGS = ["--dataset", "--data", "--arch", "--latent-dim", "--hidden", "--likelihood", "--epochs", "--batch-size",
@@ -16,6 +18,37 @@ def test_help_documents_every_flag():
         assert re.search(rf"{flag}\b.*\n?.*\S", text), flag
     assert "evaluate" in text
     assert "--samples" in evaluate_parser().format_help()
+
+
+PARSERS = [getattr(cli, name) for name in dir(cli) if name.endswith("_parser")]
+
+
+@pytest.mark.parametrize("make", PARSERS, ids=lambda f: f.__name__)
+def test_every_flag_has_help_and_one_default(make):
+    parser = make()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help, f"{parser.prog} {action.option_strings or action.dest} has no help"
+        shown = formatter._expand_help(action) if action.help else ""
+        assert shown.count("default") <= 1, f"{parser.prog} {action.option_strings}: {shown}"
+
+
+def test_vae_serve_help_lists_every_setting(capsys):
+    from service.__main__ import main as serve_main
+    from service.settings import Settings
+
+    with pytest.raises(SystemExit) as done:
+        serve_main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    for name in Settings.model_fields:
+        assert f"VAE_{name.upper()} " in text, name
+    assert "--port" in text and "--host" in text
+    with pytest.raises(SystemExit) as done:
+        serve_main(["--bogus"])
+    assert done.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -174,17 +174,14 @@ def baseline_scores(name: str, x_train: np.ndarray, x_test: np.ndarray, seed: in
 
 def _train_default(x_train: np.ndarray, root: Path, name: str, seed: int, extra: list[str]) -> Path:
     """`vae-train --dataset npy` with the defaults (plus `extra`), quietly; returns the model folder."""
-    from training.cli import main as train_main
+    from training.run import train
 
     root.mkdir(parents=True, exist_ok=True)
     data = root / f"{name}.npy"
     np.save(data, x_train.astype(np.float64))
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = train_main(["--dataset", "npy", "--data", str(data), "--output", str(root / "models"), "--name", name,
-                         "--seed", str(seed), "--no-progress", "--checkpoint", str(root / f"{name}.pt"), *extra])
-    if rc != 0:
-        raise RuntimeError(f"training on {name} failed (exit {rc})")
-    return root / "models" / name / "1"
+        return train(["--dataset", "npy", "--data", str(data), "--output", str(root / "models"), "--name", name,
+                      "--seed", str(seed), "--no-progress", "--checkpoint", str(root / f"{name}.pt"), *extra])
 
 
 def _one_run(path: Path, seed: int, extra: list[str], score: ScoreName, samples: int | None,
@@ -243,7 +240,7 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
                    for f, seed in tasks}
         from concurrent.futures import as_completed
 
-        for future in tqdm(as_completed(futures), total=len(futures), desc="set x seed", disable=not progress):
+        for future in tqdm(as_completed(futures), total=len(futures), desc="set x seed", disable=not progress or None):
             runs[futures[future]].append(future.result())
     summaries = {stem: _summary(sorted(runs[stem], key=lambda r: r["seed"]), shapes[stem]) for stem in runs}
     return {"data": str(data_dir), "seeds": list(seeds), "extra_args": extra or [], "score": chosen, "samples": samples,

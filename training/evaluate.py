@@ -72,7 +72,7 @@ def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = 
     rng = np.random.default_rng(seed)
     chunk = max(1, MAX_DECODER_ROWS // samples)
     iw, rec, kl = [], [], []
-    for start in tqdm(range(0, len(x), chunk), desc=f"scoring {split} (K={samples})", disable=not progress,
+    for start in tqdm(range(0, len(x), chunk), desc=f"scoring {split} (K={samples})", disable=not progress or None,
                       unit="chunk"):
         xb = x[start : start + chunk]
         mean, logvar = encoder(xb)
@@ -131,7 +131,7 @@ def evaluate_conditional(encoder: Any, decoder: Any, x: np.ndarray, labels: np.n
     chunk = max(1, MAX_DECODER_ROWS // max(samples, PILOT_SAMPLES * n_classes))
     marginal, given, elbo = [], [], []
     for start in tqdm(range(0, len(x), chunk), desc=f"scoring (K={samples}, labels marginalised)",
-                      disable=not progress, unit="chunk"):
+                      disable=not progress or None, unit="chunk"):
         xb = x[start : start + chunk]
         yb = labels[start : start + chunk]
         n = len(xb)

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -153,12 +154,17 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: ScoreName = "e
                        threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))
 
 
-def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None
-                  ) -> tuple[Calibration, dict[str, Calibration]]:
+def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None,
+                  report: Callable[[str], None] | None = None) -> tuple[Calibration, dict[ScoreName, Calibration]]:
     """The default score's calibration, and every other score this model serves."""
-    others = {"iwae": calibrate(folder, model, x_val, "iwae", IWAE_SAMPLES, y_val)}
+    say = report or (lambda _: None)
+    scores: list[tuple[ScoreName, int]] = [("iwae", IWAE_SAMPLES)]
     if supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape)):
-        others["complexity"] = calibrate(folder, model, x_val, "complexity", IWAE_SAMPLES, y_val)
+        scores.append(("complexity", IWAE_SAMPLES))
+    others = {}
+    for score, k in scores:
+        say(f"calibrating the {score} score on {len(x_val)} held-out rows (K={k})")
+        others[score] = calibrate(folder, model, x_val, score, k, y_val)
     return calibrate(folder, model, x_val, y_val=y_val), others
 
 
@@ -177,15 +183,18 @@ def claim_new_model(output: Path, base: str) -> Path:
 
 
 def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training: dict[str, Any],
-                 metrics: dict[str, float], sign: Path | None = None, new_model: bool = False) -> tuple[Path, Manifest]:
+                 metrics: dict[str, float], sign: Path | None = None, new_model: bool = False,
+                 report: Callable[[str], None] | None = None) -> tuple[Path, Manifest]:
     """Write `output/name/<next version>/` atomically; never touches an existing version.
 
     `new_model`: `name` is only a base: the export becomes version 1 of a model no one else has
     (`claim_new_model`), never another version of an existing one.
     `sign`: an Ed25519 private key (PEM); the folder then carries `model.sig` from the start.
+    `report`: called with a line as each stage starts (the calibrations take most of the time).
     """
     import re
 
+    say = report or (lambda _: None)
     key = load_private_key(sign) if sign is not None else None
     if not re.match(NAME_PATTERN, name):
         raise ExportError(f"model name {name!r} must match {NAME_PATTERN}")
@@ -197,13 +206,15 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
         y_val = data.label_index_val if model.cfg.conditional else None
         c = model.cfg.num_classes
         example = torch.from_numpy(_labelled(x_val[:8], y_val, c))
+        say("exporting the encoder and decoder to TorchScript and ONNX")
         _export_graph(model.encoder, example, work, ENCODER_TS, ENCODER_ONNX, "x", ["mean", "logvar"])
         with torch.no_grad():
             z_example = torch.from_numpy(_labelled(model.encoder(example)[0].numpy(), y_val, c))
         _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
+        say("checking both runtimes against the eager model")
         parity = check_parity(work, model, x_val, y_val)
-        calibration, calibrations = calibrate_all(work, model, x_val, y_val)
+        calibration, calibrations = calibrate_all(work, model, x_val, y_val, report=say)
         files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
         for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
             f.chmod(0o644)

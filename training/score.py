@@ -68,7 +68,7 @@ def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | N
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
         names: list[str] | None = None
-        for start in tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress):
+        for start in tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress or None):
             r = client.anomaly_score(x[start : start + chunk], score=score, samples=samples, explain=explain > 0)
             parts.append((r.score, r.percentile, r.is_anomaly, top_features(r.explanation, explain)))
             names = r.feature_names
@@ -99,7 +99,7 @@ def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: in
         raise DataError(f"rows have {x.shape[1]} features; the model takes {scorer.manifest.input_dim}")
     chunk = 8192
     scores = np.concatenate([scorer(x[s : s + chunk], samples, score) for s in
-                             tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress)])
+                             tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress or None)])
     result: dict[str, Any] = {"score": scores, "percentile": cal.percentile(scores),
                               "is_anomaly": scores > cal.threshold}
     if explain:

@@ -116,7 +116,7 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
         model.train()
         total = 0.0
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                   disable=not progress, unit="batch")
+                   disable=not progress or None, unit="batch")  # None: no bar off a terminal (logs, CI)
         for b in bar:
             rows = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             xb = x_train[rows]

@@ -1,0 +1,261 @@
+"""One `vae-train` run: its flags, the defaults that differ between images and tables, training
+and export. `training.cli` parses the command line into it; `training.anomaly`'s benchmark trains
+through it too, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import ModelConfig, TrainConfig
+from training.data import DATASETS, DataError, load_dataset
+
+IMAGE_DATASETS = ("digits", "mnist")
+# Defaults that differ between images and tables. For tables they were chosen with
+# `vae-train benchmark-anomaly` on the ADBench sets (README: the ablation): training data for anomaly
+# detection holds anomalies, so fewer epochs, a trimmed loss and a second fit without the rows a short
+# first fit (TrainConfig.first_fit) scores worst keep the model from learning them; a KL weight of 4
+# makes the latent code costly, so rows off the bulk of the data are not explained away through it; and
+# a variance per feature scores each feature on its own scale.
+IMAGE_DEFAULTS: dict[str, Any] = {"epochs": 30, "trim": 0.0, "refit": 0.0, "beta": 1.0, "per_feature_logvar": False,
+                                  "hidden": (128,), "latent_dim": 8}
+# A small data set (a table of a few hundred rows) in batches of 128 would get one or two steps per epoch
+# and stay untrained after the default epochs; its batches shrink so every epoch takes at least this many.
+DEFAULT_BATCH_SIZE = 128
+MIN_STEPS_PER_EPOCH = 8
+TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.1, "refit": 0.1, "beta": 4.0, "per_feature_logvar": True,
+                                  "hidden": (128, 64), "latent_dim": 16}
+
+
+def default_batch_size(train_rows: int) -> int:
+    """DEFAULT_BATCH_SIZE, or for a small data set one that gives MIN_STEPS_PER_EPOCH steps per epoch."""
+    return max(1, min(DEFAULT_BATCH_SIZE, math.ceil(train_rows / MIN_STEPS_PER_EPOCH)))
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default once: not when its help already says it ("[default: ...]"), when it is
+    None (the help says what happens instead), or for an on/off switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "[default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action) or text
+
+
+def default_name(args: argparse.Namespace) -> str:
+    """A name for a model trained without --name: the data file's stem, else the dataset (+ -conditional)."""
+    path = Path(args.data) if args.data else None
+    if path is not None and not path.is_dir():
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).lstrip("_.-")[:56]
+        if base:
+            return base
+    return args.dataset + ("-conditional" if args.conditional else "")
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"hidden sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vae-train",
+        description="Train a VAE, export encoder and decoder to TorchScript and ONNX, verify them against "
+                    "the eager model, and write models/<name>/<version>/. "
+                    "Run `vae-train evaluate --help` to score an exported model (a dataset split, or labelled rows "
+                    "for anomaly detection), `vae-train benchmark-anomaly --help` for the anomaly benchmark, and "
+                    "`vae-train keygen --help` / `vae-train sign --help` to sign models, and `vae-train plot --help` "
+                    "to draw a model as PNG files, `vae-train check-samples --help` to judge a conditional model's "
+                    "samples.",
+        formatter_class=HelpFormatter,
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits: scikit-learn's embedded 8x8 digits; mnist: IDX files or .npz; csv/npy: your table")
+    d.add_argument("--data", metavar="PATH", help="file or folder for mnist, csv and npy")
+    d.add_argument("--label-column", help="CSV column kept out of the features (the labels of --conditional)")
+    d.add_argument("--labels", metavar="FILE", help="labels for an .npy table: .npy, or text with one per line")
+    d.add_argument("--conditional", action="store_true",
+                   help="a conditional VAE: encoder and decoder see the label (digits and mnist use their own "
+                        "labels; csv/npy take --label-column / --labels); the service then takes `label`")
+    d.add_argument("--binarize", choices=("none", "dynamic"), default="none",
+                   help="dynamic: train on x ~ Bernoulli(grey level), drawn anew every epoch (Bernoulli images)")
+    d.add_argument("--val-fraction", type=float, default=0.15,
+                   help="share of rows held out for validation (digits, csv, npy; MNIST uses its test set)")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=("mlp", "conv"), default="mlp",
+                   help="mlp: fully connected layers (--hidden widths); conv: convolutions (--hidden channels), "
+                        "for image datasets")
+    m.add_argument("--latent-dim", type=_positive(int), help="[default: 8 for images, 16 for csv/npy]")
+    m.add_argument("--hidden", type=_hidden,
+                   help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64) "
+                        "[default: 128 for images, 128,64 for csv/npy]")
+    m.add_argument("--dense", type=int, default=0, metavar="WIDTH",
+                   help="conv: a fully connected layer of this width between the convolutions and the latent")
+    m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
+                   help="decoder likelihood [default: bernoulli for images, gaussian for tables]")
+    m.add_argument("--per-feature-variance", dest="per_feature_logvar", action=argparse.BooleanOptionalAction,
+                   help="Gaussian decoder: learn one variance per feature (or one shared) "
+                        "[default: per feature for csv/npy, shared for images]")
+    m.add_argument("--fixed-logvar", type=float, metavar="V",
+                   help="Gaussian decoder: fix the shared log-variance at V instead of learning it")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_positive(int), help="[default: 30 for images, 20 for csv/npy]")
+    t.add_argument("--trim", type=float, metavar="SHARE",
+                   help="leave each batch's highest-loss share of rows out of the step, for training data that "
+                        "holds anomalies [default: 0 for images, 0.1 for csv/npy]")
+    t.add_argument("--refit", type=float, metavar="SHARE",
+                   help="train twice: the second fit, from scratch, leaves out this share of rows that the first "
+                        "fit scores worst (likely anomalies) [default: 0 for images, 0.1 for csv/npy]")
+    t.add_argument("--first-fit-epochs", type=_positive(int), metavar="N",
+                   help="with --refit, epochs of the first fit, the one that picks the rows to leave out: a network "
+                        "fits the bulk of the data before its rarer rows, so a short fit ranks them best "
+                        "[default: a quarter of --epochs]")
+    t.add_argument("--batch-size", type=_positive(int),
+                   help=f"rows per step [default: {DEFAULT_BATCH_SIZE}, or for fewer than "
+                        f"{DEFAULT_BATCH_SIZE * MIN_STEPS_PER_EPOCH} training rows, a size that still gives "
+                        f"{MIN_STEPS_PER_EPOCH} steps per epoch]")
+    t.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam's learning rate")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                   help="cosine: decay the learning rate to lr/100 by the last epoch")
+    t.add_argument("--beta", type=float, help="weight of the KL term [default: 1 for images, 4 for csv/npy]")
+    t.add_argument("--warmup-epochs", type=int, default=0, help="anneal beta from 0 over this many epochs")
+    t.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the noise")
+    t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to train; auto: CUDA when there is a GPU (the export runs on the CPU either way)")
+    t.add_argument("--checkpoint", type=Path, help="checkpoint file [default: runs/<name>/checkpoint.pt]")
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar (epoch lines still print)")
+    o = p.add_argument_group("output")
+    o.add_argument("--name", help="model name; an existing model gets a new version. Without it the export is a "
+                   "new model named after the data file (or the dataset), with -2, -3, ... when that name is taken")
+    o.add_argument("--output", type=Path, default=Path("models"), help="model repository")
+    o.add_argument("--sign", type=Path, metavar="KEY",
+                   help="sign the export with this Ed25519 private key (PEM; `vae-train keygen` makes one)")
+    return p
+
+
+def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
+    from training.export import export_model
+    from training.train import resolve_device, train, without_worst
+
+    likelihood = args.likelihood or ("bernoulli" if args.dataset in IMAGE_DATASETS else "gaussian")
+    data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
+                        val_fraction=args.val_fraction, label_column=args.label_column,
+                        min_rows=args.batch_size or 1, labels=args.labels)
+    if args.conditional:
+        data.with_classes()
+    if args.binarize == "dynamic" and likelihood != "bernoulli":
+        raise DataError("--binarize dynamic draws Bernoulli pixels; it needs --likelihood bernoulli")
+    if args.dense and args.arch != "conv":
+        raise DataError("--dense adds a layer to the conv architecture; an MLP's layers are --hidden")
+    input_shape = data.input_shape  # kept even for an MLP, so callers may send shaped rows
+    if args.arch == "conv" and len(data.input_shape) != 3:
+        raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
+    defaults = IMAGE_DEFAULTS if args.dataset in IMAGE_DATASETS else TABLE_DEFAULTS
+    args.hidden = args.hidden or defaults["hidden"]
+    args.latent_dim = args.latent_dim or defaults["latent_dim"]
+    per_feature = defaults["per_feature_logvar"] if args.per_feature_logvar is None else args.per_feature_logvar
+    model_cfg = ModelConfig(
+        input_shape=input_shape, latent_dim=args.latent_dim, hidden=args.hidden, arch=args.arch,
+        likelihood=likelihood,  # type: ignore[arg-type]  # argparse choices guarantee the literal
+        learn_logvar=args.fixed_logvar is None,
+        decoder_logvar=args.fixed_logvar if args.fixed_logvar is not None else 0.0,
+        per_feature_logvar=bool(per_feature) and likelihood == "gaussian",
+        dense=max(0, args.dense), num_classes=len(data.classes or ()),
+    )
+    trim = float(defaults["trim"] if args.trim is None else args.trim)
+    refit = float(defaults["refit"] if args.refit is None else args.refit)
+    beta = float(defaults["beta"] if args.beta is None else args.beta)
+    if beta < 0:
+        raise DataError(f"--beta must be >= 0, got {beta}")
+    for flag, share in (("--trim", trim), ("--refit", refit)):
+        if not 0.0 <= share < 1.0:
+            raise DataError(f"{flag} must be in [0, 1), got {share}")
+    if args.first_fit_epochs and refit == 0:
+        raise DataError("--first-fit-epochs sets the first of --refit's two fits, and this run has no refit "
+                        "(--refit 0, the default for images)")
+    batch_size = args.batch_size or default_batch_size(len(data.x_train))
+    cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), first_fit_epochs=args.first_fit_epochs or 0,
+                      trim=trim, refit=refit, batch_size=batch_size,
+                      lr=args.lr, beta=beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
+                      val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
+    name = args.name or default_name(args)
+    device = resolve_device(args.device)
+    checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
+    print(f"training {args.arch} VAE on {args.dataset}: {len(data.x_train)} train / {len(data.x_val)} val rows, "
+          f"input {list(data.input_shape)}, latent {args.latent_dim}, {likelihood}, device {device}")
+    first = cfg.first_fit() if cfg.refit > 0 else cfg
+    result = train(data, model_cfg, first, device=device, checkpoint=checkpoint, resume=args.resume,
+                   progress=not args.no_progress)
+    refitted: dict[str, Any] | None = None
+    if cfg.refit > 0:
+        data, refitted = without_worst(result.model, data, cfg.refit, cfg.seed, device)
+        refitted.update(first_fit_epochs=first.epochs, first_fit_seconds=round(result.train_seconds, 2))
+        print(f"refit: leaving out the {cfg.refit:.0%} of rows the first fit ({first.epochs} epoch"
+              f"{'s' if first.epochs > 1 else ''}) scores worst "
+              f"(-ELBO above {refitted['cut_off_nats']:.2f} nats: {refitted['train_rows_left_out']} training, "
+              f"{refitted['val_rows_left_out']} validation rows) and training again from scratch")
+        result = train(data, model_cfg, cfg, device=device, checkpoint=checkpoint.with_name(f"refit-{checkpoint.name}"),
+                       resume=args.resume, progress=not args.no_progress)
+    best = result.history[result.best_epoch - 1]
+    training = {
+        "command": shlex.join(["vae-train", *argv]),
+        "config": asdict(cfg),
+        "data": {"dataset": args.dataset, "path": args.data, "seed": args.seed, "val_fraction": args.val_fraction,
+                 "label_column": args.label_column, "labels": args.labels, "conditional": args.conditional,
+                 "binarize": args.binarize, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
+        "refit": refitted,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "train_seconds": round(result.train_seconds, 2),
+        "device": str(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "history": [asdict(h) for h in result.history],
+    }
+    metrics = {"val_neg_elbo": best.val_loss, "val_reconstruction": best.val_reconstruction,
+               "val_kl": best.val_kl, "train_neg_elbo": best.train_loss}
+    folder, manifest = export_model(result.model, data, name=name, output=args.output, training=training,
+                                    metrics=metrics, sign=args.sign, new_model=args.name is None,
+                                    report=lambda line: print(line, flush=True))
+    worst = max(c.max_abs_diff for c in manifest.parity)
+    print(f"best epoch {result.best_epoch}: validation -ELBO {best.val_loss:.3f} nats; "
+          f"training took {result.train_seconds:.1f}s")
+    if folder.parent.name != name:
+        print(f"{args.output / name} exists, so this model is {folder.parent.name}, a model of its own "
+              f"(pass --name {name} to add a version to {name} instead)")
+    print(f"exported {folder} (TorchScript and ONNX match eager within {worst:.1e}; "
+          f"anomaly threshold {manifest.calibration.threshold:.2f} nats at the "
+          f"{manifest.calibration.threshold_level:.0%} quantile)")
+    return folder
+
+
+def train(argv: list[str]) -> Path:
+    """`vae-train ARGS` as a function: the exported model folder; a DataError says what is wrong."""
+    return run_training(train_parser().parse_args(argv), argv)
