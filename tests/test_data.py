@@ -101,7 +101,7 @@ def test_csv_with_label_column_is_standardised_on_the_training_split(tmp_path):
 
 
 def test_csv_bernoulli_uses_min_max(tmp_path):
-    path = write_csv(tmp_path / "t.csv", "a,b\n" + "\n".join(f"{i},5" for i in range(20)))
+    path = write_csv(tmp_path / "t.csv", "a,b\n" + "\n".join(f"{i},5" for i in range(60)))
     data = load_dataset("csv", path, likelihood="bernoulli")
     z = data.preprocessing.apply(data.x_train)
     assert z.min() >= 0 and z.max() <= 1 and data.preprocessing.kind == "minmax"
@@ -120,18 +120,18 @@ def test_csv_errors(tmp_path, text, message):
 
 
 def test_csv_unknown_label_column(tmp_path):
-    with pytest.raises(DataError, match="label column 'y' not in the header"):
+    with pytest.raises(DataError, match=r"no column 'y'; the header is \['a', 'b'\]"):
         load_dataset("csv", write_csv(tmp_path / "t.csv", "a,b\n1,2\n3,4\n"), label_column="y", val_fraction=0.5)
 
 
 def test_fewer_rows_than_a_batch(tmp_path):
-    path = write_csv(tmp_path / "t.csv", "a\n" + "\n".join(str(i) for i in range(10)))
-    with pytest.raises(DataError, match="fewer than the batch size 64"):
-        load_dataset("csv", path, min_rows=64)
+    path = write_csv(tmp_path / "t.csv", "a\n" + "\n".join(str(i) for i in range(100)))
+    with pytest.raises(DataError, match="85 training rows, fewer than the batch size 128"):
+        load_dataset("csv", path, min_rows=128)
 
 
 def test_npy_table_and_its_errors(tmp_path):
-    np.save(tmp_path / "ok.npy", np.arange(40, dtype=np.float32).reshape(20, 2))
+    np.save(tmp_path / "ok.npy", np.arange(120, dtype=np.float32).reshape(60, 2))
     assert load_dataset("npy", tmp_path / "ok.npy").x_train.shape[1] == 2
     np.save(tmp_path / "3d.npy", np.zeros((2, 2, 2)))
     with pytest.raises(DataError, match="2-D array"):

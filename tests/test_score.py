@@ -74,7 +74,7 @@ def test_bad_input_stops_with_a_clear_message(server, tiny_repo, tmp_path, capsy
 def test_explain_through_the_service_equals_in_process(server, tiny_repo, tmp_path):
     np.save(tmp_path / "rows.npy", np.concatenate([digits_rows(70, start=500), np.full((3, 64), 16.0)]))
     outs = {}
-    for where, flags in (("remote", ["--url", server.url, "--model", "tiny"]),
+    for where, flags in (("remote", ["--url", server.url, "--model", "tiny", "--version", "1"]),  # the suite adds v2
                          ("local", ["--model-dir", str(tiny_repo / "tiny" / "1")])):
         outs[where] = tmp_path / f"{where}.csv"
         assert score_main([str(tmp_path / "rows.npy"), *flags, "-o", str(outs[where]), "--explain", "3",

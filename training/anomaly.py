@@ -21,13 +21,15 @@ from service.folder import open_graphs
 from service.manifest import Calibration, Manifest, ScoreName, score_asked
 from service.runtime import Runtime
 from service.scoring import common_noise, explanation, sample_latents, score_with_graphs
-from training.data import DataError, check_finite, read_csv_table
+from training.data import DataError, align_columns, check_finite, read_csv_table
 
 
-def read_labelled(path: Path, *, label_column: str | None = None, labels: Path | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(X float64 [N, D], y int [N] of 0/1) from a CSV with a label column, an .npy with a labels
-    file, or an .npz holding `X` and `y`."""
+def read_labelled(path: Path, *, label_column: str | None = None, labels: Path | None = None,
+                  drop: tuple[str, ...] = (), header: bool = True
+                  ) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """(X float64 [N, D], y int [N] of 0/1, a CSV's feature names) from a CSV with a label column, an .npy
+    with a labels file, or an .npz holding `X` and `y`."""
+    names = None
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     if path.suffix == ".npz":
@@ -38,7 +40,7 @@ def read_labelled(path: Path, *, label_column: str | None = None, labels: Path |
     elif path.suffix == ".csv":
         if label_column is None:
             raise DataError(f"{path}: name the label column (--label-column)")
-        x, raw, _ = read_csv_table(path, label_column)
+        x, raw, names = read_csv_table(path, label_column, drop=drop, header=header)
         assert raw is not None
         y = _as_binary(raw, f"{path}, column {label_column!r}")
     else:
@@ -52,7 +54,7 @@ def read_labelled(path: Path, *, label_column: str | None = None, labels: Path |
     y = _as_binary(np.asarray(y), f"{path} labels")
     if len(y) != len(x):
         raise DataError(f"{path}: {len(x)} rows but {len(y)} labels")
-    return x, y
+    return x, y, names
 
 
 def _as_binary(y: np.ndarray, where: str) -> np.ndarray:
@@ -123,10 +125,11 @@ def detection_metrics(y: np.ndarray, score: np.ndarray, threshold: float) -> dic
 
 
 def evaluate_labelled(model_dir: Path, path: Path, *, label_column: str | None = None, labels: Path | None = None,
-                      runtime: Runtime = "onnx") -> dict[str, Any]:
-    x, y = read_labelled(path, label_column=label_column, labels=labels)
+                      runtime: Runtime = "onnx", drop: tuple[str, ...] = (), header: bool = True) -> dict[str, Any]:
+    x, y, names = read_labelled(path, label_column=label_column, labels=labels, drop=drop, header=header)
     scorer = ServedScorer.load(model_dir, runtime)
     m = scorer.manifest
+    x = align_columns(x, names, m.feature_names if names is not None else None, str(path))
     if x.shape[1] != m.input_dim:
         raise DataError(f"{path}: rows have {x.shape[1]} features, the model takes {m.input_dim}")
     result = detection_metrics(y, scorer(x), m.calibration.threshold)
@@ -190,7 +193,7 @@ def _one_run(path: Path, seed: int, extra: list[str], score: ScoreName, samples:
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores; one intra-op thread each
-    x, y = read_labelled(path)
+    x, y, _ = read_labelled(path)
     x_train, x_test, _, y_test = protocol_split(x, y, seed)
     t0 = time.time()
     folder = _train_default(x_train, work / f"{path.stem}-s{seed}", path.stem.replace("_", "-"), seed, extra)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import DATASETS, DataError
-from training.run import HelpFormatter, _positive, run_training, train_parser
+from training.run import HelpFormatter, _columns, _positive, left_out, run_training, train_parser
 
 
 def sign_parser() -> argparse.ArgumentParser:
@@ -57,6 +57,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     a = p.add_argument_group("anomaly detection (labelled rows: --data FILE with labels)")
     a.add_argument("--label-column", help="CSV column of labels, 0 = normal, 1 = anomaly")
     a.add_argument("--labels", type=Path, metavar="FILE", help="labels (.npy of 0/1) for an .npy --data file")
+    a.add_argument("--id-column", help="CSV column of row ids, left out of the features")
+    a.add_argument("--ignore-columns", type=_columns, default=(), metavar="A,B",
+                   help="comma-separated CSV columns left out of the features")
+    a.add_argument("--no-header", dest="header", action="store_false",
+                   help="the CSV's first row is data: its columns are taken by position")
     return p
 
 
@@ -133,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             args = evaluate_parser().parse_args(argv[1:])
             r = evaluate_labelled(args.model, Path(args.data), label_column=args.label_column, labels=args.labels,
+                                  drop=left_out(args), header=args.header,
                                   runtime=args.runtime)
             if args.json:
                 print(json.dumps(r))

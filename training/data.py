@@ -214,39 +214,114 @@ def load_mnist(path: Path) -> Dataset:
     )
 
 
-def read_csv_table(path: Path, label_column: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    with path.open(newline="") as f:
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
+MIN_TRAIN_ROWS, MIN_VAL_ROWS = 16, 8  # rows to learn from, and held-out rows behind the anomaly threshold
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def read_csv_table(path: Path, label_column: str | None, *, drop: tuple[str, ...] | list[str] = (),
+                   header: bool = True) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """(features float64 [N, D], the label column or None, feature names) from a CSV.
+
+    `label_column` and `drop` (ids, other columns to leave out) are kept out of the features. A first
+    row of numbers is refused as a header unless `header` is False: then the columns are c0, c1, ...
+    and matched by position."""
+    if _starts_with(path, NPY_MAGIC) or _starts_with(path, ZIP_MAGIC):
+        raise DataError(f"{path} is a NumPy file, not a CSV; for a table saved with np.save use --dataset npy")
+    try:
+        return _read_csv(path, label_column, tuple(drop), header)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a text CSV (byte {e.start} is not UTF-8); export the table as CSV") from None
+
+
+def _read_csv(path: Path, label_column: str | None, drop: tuple[str, ...],
+              header: bool) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
-            header = [h.strip() for h in next(reader)]
+            first = [h.strip() for h in next(reader)]
         except StopIteration:
             raise DataError(f"{path}: the file is empty; expected a header row") from None
-        if label_column is not None and label_column not in header:
-            raise DataError(f"{path}: label column {label_column!r} not in the header {header}")
-        label_at = header.index(label_column) if label_column is not None else -1
-        features = [h for i, h in enumerate(header) if i != label_at]
+        if not header:
+            names, pending = [f"c{i}" for i in range(len(first))], [first]
+        elif first and all(_is_number(h) for h in first):
+            raise DataError(f"{path}: the first row is all numbers, so it reads as data, not a header; add a header "
+                            "row naming the columns (they are matched to the model by name), or pass --no-header "
+                            "to take the columns by position")
+        else:
+            names, pending = first, []
+        kept_out = [c for c in (label_column, *drop) if c is not None]
+        missing = [c for c in kept_out if c not in names]
+        if missing:
+            raise DataError(f"{path}: no column {', '.join(map(repr, missing))}; the header is {names}")
+        label_at = names.index(label_column) if label_column is not None else -1
+        out_at = {names.index(c) for c in kept_out}
+        features = [h for i, h in enumerate(names) if i not in out_at]
         rows: list[list[float]] = []
         labels: list[str] = []
-        for line_no, record in enumerate(reader, start=2):
+        for line_no, record in enumerate([*pending, *reader], start=1 if pending else 2):
             if not record:
                 continue
-            if len(record) != len(header):
-                raise DataError(f"{path}, line {line_no}: {len(record)} cells, the header has {len(header)}")
+            if len(record) != len(names):
+                raise DataError(f"{path}, line {line_no}: {len(record)} cells, the header has {len(names)}")
             row = []
             for i, cell in enumerate(record):
                 if i == label_at:
                     labels.append(cell.strip())
                     continue
+                if i in out_at:
+                    continue
                 try:
                     row.append(float(cell))
                 except ValueError:
                     raise DataError(
-                        f"{path}, line {line_no}, column {header[i]!r}: {cell!r} is not a number"
+                        f"{path}, line {line_no}, column {names[i]!r}: {cell!r} is not a number; leave the column "
+                        f"out with --ignore-columns {names[i]} (or name it with --id-column / --label-column)"
                     ) from None
             rows.append(row)
     x = np.asarray(rows, dtype=np.float64).reshape(len(rows), len(features))
     y = np.asarray(labels) if label_column is not None else None
     return x, y, features
+
+
+def fewest_rows(val_fraction: float) -> int:
+    """The smallest table that leaves MIN_TRAIN_ROWS to train on and MIN_VAL_ROWS held out."""
+    n = MIN_TRAIN_ROWS + MIN_VAL_ROWS
+    while max(1, round(n * val_fraction)) < MIN_VAL_ROWS or n - max(1, round(n * val_fraction)) < MIN_TRAIN_ROWS:
+        n += 1
+    return n
+
+
+def align_columns(x: np.ndarray, names: list[str] | None, expected: list[str] | None, source: str) -> np.ndarray:
+    """x's columns in the model's order, matched by header name against the manifest's feature names.
+
+    Without names on either side (an .npy, a --no-header CSV, a model trained on an .npy) they are taken
+    by position, and only their count is checked."""
+    if names is None or expected is None or names == expected or all(n == f"c{i}" for i, n in enumerate(names)):
+        if expected is not None and x.shape[1] != len(expected):
+            raise DataError(f"{source}: rows have {x.shape[1]} features; the model takes {len(expected)}")
+        return x
+    missing = [c for c in expected if c not in names]
+    extra = [c for c in names if c not in expected]
+    if missing or extra:
+        raise DataError(f"{source}: the columns do not match the model's features: "
+                        + "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                                       f"not in the model {extra}" if extra else "") if part)
+                        + (" (leave extra columns out with --ignore-columns, or name the id with --id-column)"
+                           if extra else ""))
+    return x[:, [names.index(c) for c in expected]]
 
 
 def read_labels(path: Path, rows: int) -> np.ndarray:
@@ -266,15 +341,22 @@ def read_labels(path: Path, rows: int) -> np.ndarray:
 
 
 def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: str,
-               seed: int, val_fraction: float, labels: Path | None = None) -> Dataset:
+               seed: int, val_fraction: float, labels: Path | None = None, drop: tuple[str, ...] = (),
+               header: bool = True) -> Dataset:
     """A user's numeric feature table; labels (a CSV column, or a file beside an .npy) are kept apart."""
     if not path.exists():
         raise DataError(f"data file not found: {path}")
+    names: list[str] | None
     if kind == "csv":
-        x, y, names = read_csv_table(path, label_column)
+        x, y, names = read_csv_table(path, label_column, drop=drop, header=header)
     else:
-        if label_column is not None:
-            raise DataError("--label-column applies to CSV files; a .npy file holds features only")
+        if label_column is not None or drop:
+            raise DataError("--label-column, --id-column and --ignore-columns apply to CSV files; a .npy file "
+                            "holds features only")
+        if not _starts_with(path, NPY_MAGIC):
+            kind_of = "an .npz archive" if _starts_with(path, ZIP_MAGIC) else "not an .npy file"
+            raise DataError(f"{path} is {kind_of}; --dataset npy takes an array saved with np.save "
+                            "(a CSV table is --dataset csv)")
         try:
             x = np.load(path, allow_pickle=False)
         except ValueError as e:
@@ -283,11 +365,15 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
             raise DataError(f"{path}: expected a 2-D array [rows, features], got shape {list(x.shape)}")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
             raise DataError(f"{path}: expected real numbers, got dtype {x.dtype}")
-        x, names = x.astype(np.float64), [f"f{i}" for i in range(x.shape[1])]
+        x, names = x.astype(np.float64), None  # an array has no column names: scored by position
         y = read_labels(labels, len(x)) if labels is not None else None
     if x.shape[1] == 0:
         raise DataError(f"{path}: no feature columns")
     check_finite(x, str(path))
+    if len(x) < fewest_rows(val_fraction):
+        raise DataError(f"{path}: {len(x)} rows; training needs at least {fewest_rows(val_fraction)} "
+                        f"({MIN_TRAIN_ROWS} to learn from and {MIN_VAL_ROWS} held out to set the anomaly threshold, "
+                        f"at --val-fraction {val_fraction:g})")
     train, val = split_indices(len(x), val_fraction, seed)
     x_train = x[train]
     return Dataset(
@@ -300,7 +386,8 @@ def load_table(path: Path, *, kind: str, label_column: str | None, likelihood: s
 
 def load_dataset(name: str, path: str | Path | None = None, *, likelihood: str = "bernoulli",
                  seed: int = 0, val_fraction: float = 0.15, label_column: str | None = None,
-                 min_rows: int = 1, labels: str | Path | None = None) -> Dataset:
+                 min_rows: int = 1, labels: str | Path | None = None, drop: tuple[str, ...] = (),
+                 header: bool = True) -> Dataset:
     """Load any supported dataset; `min_rows` is the batch size the training split must reach."""
     if name == "digits":
         data = load_digits(seed=seed, val_fraction=val_fraction)
@@ -311,7 +398,8 @@ def load_dataset(name: str, path: str | Path | None = None, *, likelihood: str =
             data = load_mnist(Path(path))
         else:
             data = load_table(Path(path), kind=name, label_column=label_column, likelihood=likelihood,
-                              seed=seed, val_fraction=val_fraction, labels=None if labels is None else Path(labels))
+                              seed=seed, val_fraction=val_fraction, labels=None if labels is None else Path(labels),
+                              drop=drop, header=header)
     else:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if len(data.x_train) < min_rows:

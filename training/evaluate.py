@@ -34,7 +34,8 @@ def recorded_dataset(manifest: Manifest, dataset: str | None = None, data: str |
         raise ValueError("the manifest records no dataset; pass --dataset")
     ds = load_dataset(name, path, likelihood=manifest.likelihood, seed=recorded.get("seed", 0),
                       val_fraction=recorded.get("val_fraction", 0.15), label_column=recorded.get("label_column"),
-                      labels=recorded.get("labels"))
+                      labels=recorded.get("labels"), drop=tuple(recorded.get("left_out", ())),
+                      header=recorded.get("header", True))
     if ds.input_dim != manifest.input_dim:
         raise ValueError(f"dataset rows have {ds.input_dim} features, the model takes {manifest.input_dim}")
     return ds

@@ -63,6 +63,10 @@ def default_name(args: argparse.Namespace) -> str:
     return args.dataset + ("-conditional" if args.conditional else "")
 
 
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
 def _hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(","))
@@ -100,6 +104,11 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--data", metavar="PATH", help="file or folder for mnist, csv and npy")
     d.add_argument("--label-column", help="CSV column kept out of the features (the labels of --conditional)")
     d.add_argument("--labels", metavar="FILE", help="labels for an .npy table: .npy, or text with one per line")
+    d.add_argument("--id-column", help="CSV column of row ids, left out of the features")
+    d.add_argument("--ignore-columns", type=_columns, default=(), metavar="A,B",
+                   help="comma-separated CSV columns left out of the features (strings, timestamps, ...)")
+    d.add_argument("--no-header", dest="header", action="store_false",
+                   help="the CSV's first row is data: columns are c0, c1, ... and scored by position")
     d.add_argument("--conditional", action="store_true",
                    help="a conditional VAE: encoder and decoder see the label (digits and mnist use their own "
                         "labels; csv/npy take --label-column / --labels); the service then takes `label`")
@@ -160,6 +169,11 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
+def left_out(args: argparse.Namespace) -> tuple[str, ...]:
+    """The CSV columns kept out of the features besides the label: the id column and --ignore-columns."""
+    return tuple(c for c in (getattr(args, "id_column", None), *getattr(args, "ignore_columns", ())) if c)
+
+
 def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     from training.export import export_model
     from training.train import resolve_device, train, without_worst
@@ -167,7 +181,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     likelihood = args.likelihood or ("bernoulli" if args.dataset in IMAGE_DATASETS else "gaussian")
     data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
                         val_fraction=args.val_fraction, label_column=args.label_column,
-                        min_rows=args.batch_size or 1, labels=args.labels)
+                        min_rows=args.batch_size or 1, labels=args.labels, drop=left_out(args), header=args.header)
     if args.conditional:
         data.with_classes()
     if args.binarize == "dynamic" and likelihood != "bernoulli":
@@ -229,6 +243,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         "config": asdict(cfg),
         "data": {"dataset": args.dataset, "path": args.data, "seed": args.seed, "val_fraction": args.val_fraction,
                  "label_column": args.label_column, "labels": args.labels, "conditional": args.conditional,
+                 "left_out": list(left_out(args)), "header": args.header,
                  "binarize": args.binarize, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
         "refit": refitted,
         "best_epoch": result.best_epoch,

@@ -25,19 +25,21 @@ import numpy as np
 from tqdm import tqdm
 
 from service.manifest import ScoreName
-from training.data import DataError, check_finite, read_csv_table
+from training.data import DataError, align_columns, check_finite, read_csv_table
 
 
-def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """(X float32 [N, D], ids or None) from a CSV with a header, an .npy, or an .npz (X, else its only array)."""
+def read_rows(path: Path, id_column: str | None, ignore: tuple[str, ...] = (), header: bool = True
+              ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """(X float32 [N, D], ids or None, a CSV's column names) from a CSV with a header, an .npy, or an .npz
+    (X, else its only array)."""
     if not path.exists():
         raise DataError(f"input file not found: {path}")
-    ids = None
+    ids, names = None, None
     if path.suffix == ".csv":
-        x, ids, _ = read_csv_table(path, id_column)  # the id column is kept out of the features
+        x, ids, names = read_csv_table(path, id_column, drop=ignore, header=header)  # ids kept out of the features
     elif path.suffix in (".npy", ".npz"):
-        if id_column is not None:
-            raise DataError("--id-column applies to CSV input")
+        if id_column is not None or ignore:
+            raise DataError("--id-column and --ignore-columns apply to CSV input")
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
@@ -53,17 +55,19 @@ def read_rows(path: Path, id_column: str | None) -> tuple[np.ndarray, np.ndarray
     if x.ndim != 2 or len(x) == 0:
         raise DataError(f"{path}: no rows to score (shape {list(x.shape)})")
     check_finite(x, str(path))
-    return x.astype(np.float32), ids
+    return x.astype(np.float32), ids, names
 
 
 def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: str,
                  samples: int | None, api_key: str | None, progress: bool, ca: Path | None = None,
-                 cert: Path | None = None, key: Path | None = None, explain: int = 0) -> dict[str, Any]:
+                 cert: Path | None = None, key: Path | None = None, explain: int = 0,
+                 columns: list[str] | None = None, source: str = "the input") -> dict[str, Any]:
     from vaeclient import Client
     # Overload (503) is waited out; a URL that does not answer fails in about a second.
     with Client(url, model=model, version=version, api_key=api_key, retries=20, connect_retries=3, ca=ca, cert=cert,
                 key=key) as client:
         limits = client.models()["limits"]
+        x = align_columns(x, columns, client.metadata().get("feature_names") if columns else None, source)
         k = samples or (1 if score == "elbo" else 64)
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
@@ -90,11 +94,13 @@ def top_features(parts: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarr
 
 
 def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: int | None,
-                progress: bool, explain: int = 0) -> dict[str, Any]:
+                progress: bool, explain: int = 0, columns: list[str] | None = None,
+                source: str = "the input") -> dict[str, Any]:
     from training.anomaly import ServedScorer
 
     scorer = ServedScorer.load(model_dir)
     cal = scorer.calibration(score)
+    x = align_columns(x, columns, scorer.manifest.feature_names if columns else None, source)
     if x.shape[1] != scorer.manifest.input_dim:
         raise DataError(f"rows have {x.shape[1]} features; the model takes {scorer.manifest.input_dim}")
     chunk = 8192
@@ -158,6 +164,10 @@ def parser() -> argparse.ArgumentParser:
                    help="which score (README: Anomaly detection)")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
     p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
+    p.add_argument("--ignore-columns", type=lambda t: tuple(c.strip() for c in t.split(",") if c.strip()),
+                   default=(), metavar="A,B", help="comma-separated CSV columns left out of the features")
+    p.add_argument("--no-header", dest="header", action="store_false",
+                   help="the CSV's first row is data: columns are taken by position, not matched by name")
     p.add_argument("--explain", type=int, default=0, metavar="K",
                    help="add each row's K features with the largest part of the reconstruction term (0: none)")
     p.add_argument("--no-progress", action="store_true")
@@ -170,14 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.output.suffix not in (".csv", ".npy"):
             raise DataError(f"--output must end in .csv or .npy, got {args.output}")
         started = time.perf_counter()
-        x, ids = read_rows(args.input, args.id_column)
+        x, ids, columns = read_rows(args.input, args.id_column, args.ignore_columns, args.header)
         if args.url:
             result = score_remote(x, url=args.url, model=args.model, version=args.version, score=args.score,
                                   samples=args.samples, api_key=args.api_key, progress=not args.no_progress,
-                                  ca=args.ca, cert=args.cert, key=args.key, explain=args.explain)
+                                  ca=args.ca, cert=args.cert, key=args.key, explain=args.explain, columns=columns,
+                                  source=str(args.input))
         else:
             result = score_local(x, model_dir=args.model_dir, score=args.score, samples=args.samples,
-                                 progress=not args.no_progress, explain=args.explain)
+                                 progress=not args.no_progress, explain=args.explain, columns=columns,
+                                 source=str(args.input))
         write(args.output, result, ids, args.id_column)
     except Exception as e:  # noqa: BLE001 - a command line says what went wrong, without a traceback
         import httpx

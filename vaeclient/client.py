@@ -299,6 +299,16 @@ class Client(_Operations):
         body: dict[str, Any] = response.json()
         return body
 
+    def metadata(self, model: str | None = None, version: int | None = None) -> dict[str, Any]:
+        """GET /models/{name}: a model's shapes, feature names, classes and scores (the client's model, else
+        the server's default)."""
+        name = model or self.model or self.models()["default"]
+        response = self._send("GET", f"/models/{name}", params=_query(version=version or self.version))
+        if response.status_code != 200:
+            raise _error(response)
+        body: dict[str, Any] = response.json()
+        return body
+
     def ready(self) -> bool:
         try:
             return self._http.get("/health/ready").status_code == 200
@@ -357,6 +367,14 @@ class AsyncClient(_Operations):
 
     async def models(self) -> dict[str, Any]:
         response = await self._send("GET", "/models")
+        if response.status_code != 200:
+            raise _error(response)
+        body: dict[str, Any] = response.json()
+        return body
+
+    async def metadata(self, model: str | None = None, version: int | None = None) -> dict[str, Any]:
+        name = model or self.model or (await self.models())["default"]
+        response = await self._send("GET", f"/models/{name}", params=_query(version=version or self.version))
         if response.status_code != 200:
             raise _error(response)
         body: dict[str, Any] = response.json()
