@@ -9,15 +9,18 @@ import os
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from service import v2
-from service.auth import KeyRing, needs_key, presented_key
+from service.auth import DOC_ASSETS, KeyRing, needs_key, presented_key
 from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
 from service.metrics import Metrics, multiprocess_dir
@@ -91,6 +94,34 @@ class VAEApp(FastAPI):
         return self.keys.check(presented_key(scope["headers"])) is not None
 
 
+def add_offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts served from this process, from the assets the
+    fastapi-offline package ships: FastAPI's own pages load them from a CDN, blank on a network without one."""
+    import fastapi_offline
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOC_ASSETS.rstrip("/"), StaticFiles(directory=assets), name="docs-assets")
+    title = app.title
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{title} - Swagger UI",
+                                   oauth2_redirect_url="/docs/oauth2-redirect",
+                                   swagger_js_url=f"{DOC_ASSETS}swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOC_ASSETS}swagger-ui.css",
+                                   swagger_favicon_url=f"{DOC_ASSETS}favicon.png")
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{title} - ReDoc",
+                              redoc_js_url=f"{DOC_ASSETS}redoc.standalone.js",
+                              redoc_favicon_url=f"{DOC_ASSETS}favicon.png", with_google_fonts=False)
+
+
 def create_app(settings: Settings | None = None) -> VAEApp:
     settings = settings or get_settings()
     state = AppState(settings=settings, metrics=Metrics())
@@ -144,7 +175,9 @@ def create_app(settings: Settings | None = None) -> VAEApp:
             if multiprocess_dir() is not None:
                 prom_multiprocess.mark_process_dead(os.getpid())
 
-    app = VAEApp(title="vaeserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = VAEApp(title="vaeserve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                 redoc_url=None)
+    add_offline_docs(app)
     app.state.vae = app.vae = state
     if settings.api_keys_file is not None:
         app.keys = KeyRing.from_file(settings.api_keys_file)

@@ -20,6 +20,7 @@ from pathlib import Path
 HASH_LINE = re.compile(r"^([0-9a-fA-F]{64})(?:\s+(\S.*))?$")
 OPEN_PATHS = frozenset({"/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready"})
 DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+DOC_ASSETS = "/docs-assets/"  # Swagger UI's and ReDoc's scripts, served with the package (no CDN)
 
 
 class KeyFileError(ValueError):
@@ -87,7 +88,7 @@ def needs_key(path: str, *, protect_metrics: bool, protect_docs: bool) -> bool:
         return False
     if path == "/metrics":
         return protect_metrics
-    if path in DOC_PATHS:
+    if path in DOC_PATHS or path.startswith(DOC_ASSETS):
         return protect_docs
     return True
 

@@ -65,7 +65,7 @@ async def test_every_inference_path_needs_a_key(keys_file):
                 r = await client.request(method, path, **with_headers(kwargs, headers))
                 assert r.status_code == 200, (path, headers, r.text)
         for path in ("/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics",
-                     "/openapi.json", "/docs"):
+                     "/openapi.json", "/docs", "/redoc", "/docs-assets/redoc.standalone.js"):
             assert (await client.get(path)).status_code == 200, path
         text = (await client.get("/metrics")).text
     assert metric(text, "vae_requests_total", endpoint="encode", status="401") == 10
@@ -78,7 +78,7 @@ async def test_every_inference_path_needs_a_key(keys_file):
 async def test_metrics_and_docs_follow_their_settings(keys_file):
     async with serving(DEFAULT_MODEL.parents[1], api_keys_file=keys_file, protect_metrics=True, protect_docs=True,
                        reload_interval=0) as (_, client):
-        for path in ("/metrics", "/docs", "/openapi.json", "/redoc"):
+        for path in ("/metrics", "/docs", "/openapi.json", "/redoc", "/docs-assets/swagger-ui.css"):
             assert (await client.get(path)).status_code == 401, path
             assert (await client.get(path, headers={"X-API-Key": KEY})).status_code == 200, path
         assert (await client.get("/health/ready")).status_code == 200

@@ -196,6 +196,20 @@ async def test_openapi_documents_every_endpoint_with_an_example(client):
     assert (await client.get("/docs")).status_code == 200
 
 
+async def test_docs_pages_load_nothing_from_outside_the_server(client):
+    """Swagger UI and ReDoc come with the package: an offline network still gets working pages."""
+    import re
+
+    for page in ("/docs", "/redoc"):
+        html = (await client.get(page)).text
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html)
+        assert sources and all(src.startswith("/") for src in sources), (page, sources)
+        for src in sources:
+            r = await client.get(src)
+            assert r.status_code == 200 and len(r.content) > 1000, (page, src)
+        assert "fonts.googleapis" not in html and "cdn." not in html
+
+
 async def test_unknown_routes_use_the_error_format(client):
     r = await client.get("/nope")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
