@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DATASETS, DataError
-from training.run import HelpFormatter, _columns, _positive, left_out, run_training, train_parser
+from training.data import DATASETS, DataError, column_list
+from training.run import HelpFormatter, _positive, left_out, run_training, train_parser
 
 
 def sign_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     a.add_argument("--label-column", help="CSV column of labels, 0 = normal, 1 = anomaly")
     a.add_argument("--labels", type=Path, metavar="FILE", help="labels (.npy of 0/1) for an .npy --data file")
     a.add_argument("--id-column", help="CSV column of row ids, left out of the features")
-    a.add_argument("--ignore-columns", type=_columns, default=(), metavar="A,B",
+    a.add_argument("--ignore-columns", type=column_list, default=(), metavar="A,B",
                    help="comma-separated CSV columns left out of the features")
     a.add_argument("--no-header", dest="header", action="store_false",
                    help="the CSV's first row is data: its columns are taken by position")

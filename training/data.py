@@ -296,6 +296,11 @@ def _read_csv(path: Path, label_column: str | None, drop: tuple[str, ...],
     return x, y, features
 
 
+def column_list(text: str) -> tuple[str, ...]:
+    """`--ignore-columns a,b` -> ("a", "b"), for every command that reads CSV tables."""
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
 def fewest_rows(val_fraction: float) -> int:
     """The smallest table that leaves MIN_TRAIN_ROWS to train on and MIN_VAL_ROWS held out."""
     n = MIN_TRAIN_ROWS + MIN_VAL_ROWS

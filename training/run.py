@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from training.config import ModelConfig, TrainConfig
-from training.data import DATASETS, DataError, load_dataset
+from training.data import DATASETS, DataError, column_list, load_dataset
 
 IMAGE_DATASETS = ("digits", "mnist")
 # Defaults that differ between images and tables. For tables they were chosen with
@@ -63,10 +63,6 @@ def default_name(args: argparse.Namespace) -> str:
     return args.dataset + ("-conditional" if args.conditional else "")
 
 
-def _columns(text: str) -> tuple[str, ...]:
-    return tuple(c.strip() for c in text.split(",") if c.strip())
-
-
 def _hidden(text: str) -> tuple[int, ...]:
     try:
         sizes = tuple(int(s) for s in text.split(","))
@@ -105,7 +101,7 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--label-column", help="CSV column kept out of the features (the labels of --conditional)")
     d.add_argument("--labels", metavar="FILE", help="labels for an .npy table: .npy, or text with one per line")
     d.add_argument("--id-column", help="CSV column of row ids, left out of the features")
-    d.add_argument("--ignore-columns", type=_columns, default=(), metavar="A,B",
+    d.add_argument("--ignore-columns", type=column_list, default=(), metavar="A,B",
                    help="comma-separated CSV columns left out of the features (strings, timestamps, ...)")
     d.add_argument("--no-header", dest="header", action="store_false",
                    help="the CSV's first row is data: columns are c0, c1, ... and scored by position")

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from service.manifest import ScoreName
-from training.data import DataError, align_columns, check_finite, read_csv_table
+from training.data import DataError, align_columns, check_finite, column_list, read_csv_table
 
 
 def read_rows(path: Path, id_column: str | None, ignore: tuple[str, ...] = (), header: bool = True
@@ -164,8 +164,8 @@ def parser() -> argparse.ArgumentParser:
                    help="which score (README: Anomaly detection)")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
     p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
-    p.add_argument("--ignore-columns", type=lambda t: tuple(c.strip() for c in t.split(",") if c.strip()),
-                   default=(), metavar="A,B", help="comma-separated CSV columns left out of the features")
+    p.add_argument("--ignore-columns", type=column_list, default=(), metavar="A,B",
+                   help="comma-separated CSV columns left out of the features")
     p.add_argument("--no-header", dest="header", action="store_false",
                    help="the CSV's first row is data: columns are taken by position, not matched by name")
     p.add_argument("--explain", type=int, default=0, metavar="K",
