@@ -85,3 +85,13 @@ def test_explain_through_the_service_equals_in_process(server, tiny_repo, tmp_pa
         assert [a[f"feature_{j}"] for j in (1, 2, 3)] == [b[f"feature_{j}"] for j in (1, 2, 3)]
         assert float(a["part_1"]) == pytest.approx(float(b["part_1"]), rel=1e-5)
     assert remote[0]["feature_1"].startswith("x")  # digits pixels have no names: x0 .. x63
+
+
+def test_a_url_that_does_not_answer_is_one_line_not_a_traceback(tmp_path, capsys):
+    from bench.server import free_port
+
+    np.save(tmp_path / "rows.npy", digits_rows(3))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    assert score_main([str(tmp_path / "rows.npy"), "--url", url, "-o", str(tmp_path / "s.csv"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"vae-score: error: cannot reach {url}") and len(err.splitlines()) == 1, err
