@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -94,6 +95,9 @@ def measure_model(run: dict[str, Any], model: str, repo: Path, bodies: dict[str,
         on = stack.enter_context(Server(model_dir=repo, default_model=model, url=args.url, log=log))
         off = stack.enter_context(Server(model_dir=repo, default_model=model, log=log,
                                          env={"VAE_MAX_BATCH_SIZE": "1"})) if compare else None
+        refused = httpx.get(f"{on.url}/models", timeout=10).json().get("refused") or {}
+        if refused and not args.url:  # a model the run measures later would be missing: stop now, say why
+            raise RuntimeError(f"vaeserve refused models in the benchmark's repository: {refused}")
         run.setdefault("runtime", httpx.get(f"{on.url}/models/{model}", timeout=10).json().get("runtime"))
         for label, server in (("batching", on), ("no_batching", off)):
             if server is None:
@@ -148,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         repo = work / "models"
         mnist_folder = export_mnist_sized(repo)
         (repo / "digits").mkdir(parents=True)
-        os.symlink(REPO / "models" / "digits" / "1", repo / "digits" / "1")
+        shutil.copytree(REPO / "models" / "digits" / "1", repo / "digits" / "1")  # vaeserve serves no symlinks
         rows = {MNIST_NAME: mnist_like_row(), "digits": digits_row()}
         bar.set_description("raw in-process limit")
         device = resolve_device(os.environ.get("VAE_DEVICE", "auto"))  # the service's own choice

@@ -26,6 +26,7 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _CHUNK = 1 << 20
 _FIX = "copy the real file into the version folder"
+_FIX_FOLDER = "copy the folder itself into the model repository"
 
 # Checks the manifest's exact bytes against the signature's bytes (None: no signature file).
 SignatureCheck = Callable[[Path, bytes, bytes | None], None]
@@ -42,14 +43,15 @@ class ModelFolder:
 
 def _open_dir(folder: Path) -> int:
     if folder.parent.is_symlink():
-        raise ManifestError(f"{folder.parent} is a symbolic link; vaeserve serves only real folders ({_FIX})")
+        raise ManifestError(f"{folder.parent} is a symbolic link; vaeserve serves only real folders ({_FIX_FOLDER})")
     try:
         return os.open(folder, _DIR_FLAGS)
     except FileNotFoundError:
         raise ManifestError(f"{folder}: no such folder") from None
     except OSError as e:
         if e.errno in (errno.ELOOP, errno.ENOTDIR) and folder.is_symlink():
-            raise ManifestError(f"{folder} is a symbolic link; vaeserve serves only real folders ({_FIX})") from None
+            raise ManifestError(f"{folder} is a symbolic link; vaeserve serves only real folders "
+                                f"({_FIX_FOLDER})") from None
         raise ManifestError(f"{folder}: cannot open: {e.strerror}") from None
 
 
