@@ -140,7 +140,8 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
     eps = model.noise(samples)
     (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), labels, model.num_classes, samples))
     m = model.manifest
-    values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar)
+    values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar,
+                                              m.typicality)
     used = calibration.threshold if threshold is None else threshold
     return {
         **_header(model), "score": values, "reconstruction": reconstruction, "kl": kl,

@@ -66,17 +66,19 @@ class ParityCheck(Strict):
         return self
 
 
-ScoreName = Literal["elbo", "iwae", "complexity"]
+ScoreName = Literal["elbo", "iwae", "complexity", "typicality"]
 # The formula each calibration was computed with. "complexity" is the first complexity score (likelihood
 # of the binarised image minus its whole compressed length): exports that carry it still load, but their
 # complexity score is not served, since its quantiles describe another formula.
-Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2"]
-CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2"}
+Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2", "typicality"]
+CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2",
+                                             "typicality": "typicality"}
 
 
-def score_asked(score: ScoreName | None, samples: int | None) -> ScoreName:
-    """The score a request means: the one it names, else elbo, or iwae when it asks for samples > 1."""
-    return score or ("elbo" if samples in (None, 1) else "iwae")
+def score_asked(score: ScoreName | None, samples: int | None, default: ScoreName = "elbo") -> ScoreName:
+    """The score a request means: the one it names, else the model's `default`, or iwae when it asks for
+    samples > 1."""
+    return score or (default if samples in (None, 1) else "iwae")
 
 
 class Calibration(Strict):
@@ -113,6 +115,37 @@ class Calibration(Strict):
         return np.interp(scores, values, levels)
 
 
+class Typicality(Strict):
+    """The training rows' statistics that the typicality score (`scoring.typicality`) measures a row
+    against, fitted at export: the mean and inverse covariance of the statistics `scoring.TYPICALITY_STATISTICS`
+    (log(1 + v) each), and the mean and standard deviation of log(1 + negative ELBO), at K = `samples`."""
+
+    statistics: list[Literal["reconstruction", "kl", "distance"]] = Field(min_length=3, max_length=3)
+    samples: int = Field(ge=1)
+    seed: int
+    n_rows: int = Field(ge=2)
+    mean: list[Finite] = Field(min_length=3, max_length=3)
+    precision: list[list[Finite]] = Field(min_length=3, max_length=3)
+    elbo_mean: Finite
+    elbo_std: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    _arrays: tuple[np.ndarray, np.ndarray] | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _positive_definite(self) -> Typicality:
+        if list(self.statistics) != ["reconstruction", "kl", "distance"]:
+            raise ValueError(f"typicality statistics must be reconstruction, kl, distance, got {self.statistics}")
+        p = np.asarray(self.precision, dtype=np.float64)
+        if p.shape != (3, 3) or not np.allclose(p, p.T) or np.linalg.eigvalsh(p).min() <= 0:
+            raise ValueError("typicality precision must be a symmetric positive-definite 3 x 3 matrix")
+        return self
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean [3], precision [3, 3]), float64, converted once."""
+        if self._arrays is None:
+            self._arrays = (np.asarray(self.mean, dtype=np.float64), np.asarray(self.precision, dtype=np.float64))
+        return self._arrays
+
+
 class Manifest(Strict):
     schema_version: Literal[1]
     name: str = Field(pattern=NAME_PATTERN)
@@ -131,6 +164,7 @@ class Manifest(Strict):
     parity: list[ParityCheck] = Field(min_length=1)
     calibration: Calibration  # the default score's: the negative ELBO, K = 1
     calibrations: dict[ScoreName, Calibration] = Field(default_factory=dict)  # every other score, at its own K
+    typicality: Typicality | None = None  # the typicality score's reference (image models)
     files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
 
     @property
@@ -142,8 +176,16 @@ class Manifest(Strict):
         """Width of the one-hot label the graphs take after their rows ([x | y], [z | y]); 0 if unconditional."""
         return len(self.classes or ())
 
+    @property
+    def default_score(self) -> ScoreName:
+        """What /anomaly-score serves when no score is named: typicality where this export has it (image
+        models; it dominates the ELBO on the out-of-distribution benchmark, README), else elbo."""
+        return "typicality" if self.calibration_for("typicality") is not None else "elbo"
+
     def calibration_for(self, score: ScoreName) -> Calibration | None:
         """The score's calibration, if this export has one for the formula the service computes."""
+        if score == "typicality" and self.typicality is None:
+            return None
         calibration = self.calibration if score == "elbo" else self.calibrations.get(score)
         return calibration if calibration is not None and calibration.score == CURRENT_FORMULA[score] else None
 

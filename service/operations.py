@@ -93,11 +93,11 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     p = call.params
     s = call.settings
     model = call.model
-    score = score_asked(p.score, p.samples)
+    score = score_asked(p.score, p.samples, model.manifest.default_score)
     calibration = model.manifest.calibration_for(score)
     if calibration is None:
         image_model = supports_complexity(model.manifest.likelihood, model.manifest.input_shape)
-        why = ("it is for Bernoulli image models" if score == "complexity" and not image_model
+        why = ("it is for Bernoulli image models" if score in ("complexity", "typicality") and not image_model
                else "its export predates the formula served now; export the model again")
         raise InvalidInput(f"model {model.name} v{model.version} has no {score!r} score ({why}); it serves "
                            f"{', '.join(['elbo', *model.manifest.calibrations])}", field="score")

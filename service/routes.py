@@ -90,6 +90,7 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
                         "levels": cal.levels, "values": cal.values},
         "scores": {name: {"samples": c.samples, "threshold": c.threshold, "threshold_level": c.threshold_level}
                    for name, c in {"elbo": cal, **m.calibrations}.items()},
+        "default_score": m.default_score,
         "metrics": m.metrics, "created_at": m.created_at.isoformat(), "training_command": m.training.get("command"),
     }
 

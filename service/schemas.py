@@ -124,13 +124,17 @@ class InterpolateRequest(InterpolateParams):
 
 
 class AnomalyParams(Common, PictureFields):
-    score: Literal["elbo", "iwae", "complexity"] | None = Field(
+    score: Literal["elbo", "iwae", "complexity", "typicality"] | None = Field(
         None, description="elbo: negative ELBO (nats); iwae: importance-weighted -log p(x) (nats); complexity "
                           "(Bernoulli image models): -log2 p(x) minus half the compressed length of the image's "
-                          "shape, bits, robust to simple out-of-distribution inputs. "
-                          "null: elbo, or iwae when samples > 1")
+                          "shape, bits, robust to simple out-of-distribution inputs; typicality (image models "
+                          "exported with it): -log p of the more surprising of two tests against the training "
+                          "rows, one two-sided on the row's reconstruction, KL and reconstruction distance, one "
+                          "on its ELBO (nats; flags other data sets' images and simple inputs a likelihood finds "
+                          "too likely). null: the model's default (`default_score` in GET /models/{name}: "
+                          "typicality where the model has it, else elbo), or iwae when samples > 1")
     samples: int | None = Field(None, ge=1, description="K; null = the K the score was calibrated with "
-                                                        "(1 for elbo, 64 for iwae and complexity)")
+                                                        "(1 for elbo and typicality, 64 for iwae and complexity)")
     threshold: float | None = Field(None, allow_inf_nan=False, description="null = the model's calibrated one")
     explain: bool = Field(False, description="also answer `explanation`: each feature's part of the row's "
                           "reconstruction term, -log p(x_j | z) in nats averaged over the K samples (a row's parts "
@@ -189,7 +193,7 @@ class AnomalyResponse(Header):
     is_anomaly: list[bool]
     threshold: float
     samples: int
-    score_name: str = Field(description="the score served: elbo, iwae or complexity")
+    score_name: str = Field(description="the score served: elbo, iwae, complexity or typicality")
     explanation: Rows | None = Field(None, description="with explain: [N, D] nats per feature (an image's pixels "
                                      "in C x H x W order)")
     feature_names: list[str] | None = Field(None, description="with explain: the manifest's column names, if any")
@@ -221,6 +225,7 @@ class ModelVersionInfo(BaseModel):
     runtime_timings_us: dict[str, float]
     calibration: dict[str, object]
     scores: dict[str, dict[str, float]] = Field(description="each servable score: its K and threshold")
+    default_score: str = Field(description="what POST /anomaly-score serves when the request names no score")
     metrics: dict[str, float]
     created_at: str
     training_command: str | None

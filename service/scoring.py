@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.special import erfcx, log_ndtr
+
+if TYPE_CHECKING:
+    from service.manifest import Typicality
 
 LOG_2PI = math.log(2.0 * math.pi)
 LN2 = math.log(2.0)
@@ -144,9 +149,47 @@ def compressed_bits(x: np.ndarray) -> np.ndarray:
     return np.array([8 * len(zlib.compress(row.tobytes(), 9)) for row in packed], dtype=np.float64)
 
 
+# The per-row statistics the typicality score places among the training rows', in this order.
+TYPICALITY_STATISTICS = ("reconstruction", "kl", "distance")
+
+
+def typicality_statistics(x: np.ndarray, output: np.ndarray, reconstruction: np.ndarray, kl: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """(statistics [N, 3], log(1 + negative ELBO) [N]) of rows x [N, D] in model space, with `output`
+    [N*K, D] as in `scores`. The statistics are log(1 + v) of the reconstruction term, the KL term and
+    the Euclidean distance from x to the decoder's output averaged over the K samples (LPath's
+    reconstruction distance: unlike the likelihood it does not reward dark, simple images)."""
+    n = x.shape[0]
+    k = output.shape[0] // max(n, 1)
+    diff = np.repeat(x, k, axis=0).astype(np.float64) - output
+    distance = np.sqrt(np.einsum("ij,ij->i", diff, diff)).reshape(n, k).mean(axis=1)
+    values = np.stack([reconstruction, kl, distance], axis=1)
+    return np.log1p(np.maximum(values, 0.0)), np.log1p(np.maximum(reconstruction + kl, 0.0))
+
+
+def chi2_3_logsf(d2: np.ndarray) -> np.ndarray:
+    """log P(chi-squared with 3 degrees of freedom >= d2), finite far into the tail (scipy's
+    chi2.logsf is -inf past ~1e4): sf = exp(-u^2) (erfcx(u) + 2u/sqrt(pi)) with u = sqrt(d2 / 2)."""
+    u = np.sqrt(np.maximum(d2, 0.0) / 2.0)
+    return -(u**2) + np.log(erfcx(u) + 2.0 * u / math.sqrt(math.pi))
+
+
+def typicality(statistics: np.ndarray, log_elbo: np.ndarray, reference: Typicality) -> np.ndarray:
+    """The typicality score, nats of surprise (-log p) of the more surprising of two tests against the
+    training rows: two-sided on the statistics (their squared Mahalanobis distance, read as chi-squared
+    with 3 degrees of freedom) and one-sided on log(1 + negative ELBO) (a normal upper tail). The first
+    flags inputs a likelihood finds too likely (blank, simple, another data set's easier images), the
+    second keeps the ELBO's power on rows that are merely unlikely."""
+    mean, precision = reference.arrays()
+    d = statistics - mean
+    d2 = np.einsum("ij,jk,ik->i", d, precision, d)
+    z = (log_elbo - reference.elbo_mean) / reference.elbo_std
+    return np.maximum(-chi2_3_logsf(d2), -log_ndtr(-z))
+
+
 def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
-                 output: np.ndarray, likelihood: str, decoder_logvar: float | list[float] | None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 output: np.ndarray, likelihood: str, decoder_logvar: float | list[float] | None,
+                 reference: Typicality | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(score, reconstruction, kl) per row for a named score, higher = more anomalous.
 
     elbo: the negative ELBO (reconstruction averaged over the K samples, plus KL), nats.
@@ -154,8 +197,9 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
     complexity: -log2 p(x) - w * L(x), bits: the model's code length (the importance-weighted -log p(x), in
       bits) minus part (w = COMPLEXITY_WEIGHT) of a generic compressor's code length for the image's shape
       (Serra et al. 2020), so inputs that are merely simple (blank, constant) no longer look the most normal.
+    typicality: `typicality` against the model's `reference` (fitted on its training rows at export), nats.
     """
-    if score not in ("elbo", "iwae", "complexity"):
+    if score not in ("elbo", "iwae", "complexity", "typicality"):
         raise ValueError(f"unknown score {score!r}")
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected far from the data; see _finite
         iw, reconstruction, kl = (_finite(a) for a in scores(x, mean, logvar, eps, output, likelihood, decoder_logvar))
@@ -163,6 +207,11 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
             return _finite(reconstruction + kl), reconstruction, kl
         if score == "iwae":
             return iw, reconstruction, kl
+        if score == "typicality":
+            if reference is None:
+                raise ValueError("the typicality score needs the model's typicality reference")
+            return _finite(typicality(*typicality_statistics(x, output, reconstruction, kl), reference)), \
+                reconstruction, kl
         return _finite(iw / LN2 - COMPLEXITY_WEIGHT * compressed_bits(x)), reconstruction, kl
 
 
@@ -176,22 +225,34 @@ def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
     return likelihood == "bernoulli" and len(input_shape) == 3
 
 
-def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
-                      decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, score: str,
-                      samples: int, seed: int, latent_dim: int, likelihood: str,
-                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536,
-                      labels: np.ndarray | None = None, num_classes: int = 0) -> np.ndarray:
-    """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
-    fixed noise of `seed`, `chunk_rows` rows x samples at a time: what the service serves, for callers
-    that hold the graphs themselves (export's calibration, offline evaluation and vae-score).
-    `labels`: class indices [N] for a conditional model."""
+def graph_passes(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
+                 decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, samples: int, seed: int,
+                 latent_dim: int, chunk_rows: int = 65_536, labels: np.ndarray | None = None, num_classes: int = 0
+                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(x, mean, logvar, eps, decoded) per chunk of model-space rows x [N, D], `chunk_rows` rows x
+    samples at a time, with the fixed noise of `seed`: the encoder and decoder passes the service runs."""
     eps = common_noise(samples, latent_dim, seed)
     step = max(1, chunk_rows // samples)
-    parts = []
     for start in range(0, len(x), step):
         xb = x[start : start + step]
         yb = None if labels is None else labels[start : start + step]
         mean, logvar = encoder(with_label(xb, yb, num_classes))
         (decoded,) = decoder(with_label(sample_latents(mean, logvar, eps), yb, num_classes, samples))
-        parts.append(served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar)[0])
-    return np.concatenate(parts)
+        yield xb, mean, logvar, eps, decoded
+
+
+def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
+                      decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, score: str,
+                      samples: int, seed: int, latent_dim: int, likelihood: str,
+                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536,
+                      labels: np.ndarray | None = None, num_classes: int = 0,
+                      reference: Typicality | None = None) -> np.ndarray:
+    """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
+    fixed noise of `seed`: what the service serves, for callers that hold the graphs themselves
+    (export's calibration, offline evaluation and vae-score). `labels`: class indices [N] for a
+    conditional model; `reference`: the typicality score's."""
+    return np.concatenate([
+        served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar, reference)[0]
+        for xb, mean, logvar, eps, decoded in graph_passes(encoder, decoder, x, samples=samples, seed=seed,
+                                                           latent_dim=latent_dim, chunk_rows=chunk_rows,
+                                                           labels=labels, num_classes=num_classes)])

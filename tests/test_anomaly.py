@@ -74,7 +74,8 @@ async def test_scores_are_the_services_own(tiny_repo):
     async with serving(tiny_repo, default_model="tiny", reload_interval=0) as (_, client):
         served = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "version": 1})).json()
     np.testing.assert_allclose(scorer(x), served["score"], rtol=1e-6)
-    assert scorer.manifest.calibration.threshold == served["threshold"]
+    assert served["score_name"] == scorer.manifest.default_score == "typicality"
+    assert scorer.calibration("typicality").threshold == served["threshold"]
 
 
 def test_evaluate_labelled_rows_from_the_command_line(tiny_repo, tmp_path, capsys):
@@ -137,7 +138,7 @@ async def test_every_score_is_served_as_calibrated_and_equals_the_offline_scorer
     x, _ = labelled_digits(30)
     scorer = ServedScorer.load(DEFAULT_MODEL)
     async with serving(DEFAULT_MODEL.parents[1], reload_interval=0) as (_, client):
-        for score, k in (("elbo", 1), ("iwae", 64), ("complexity", 64)):
+        for score, k in (("elbo", 1), ("iwae", 64), ("complexity", 64), ("typicality", 1)):
             body = (await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": score})).json()
             cal = scorer.calibration(score)  # type: ignore[arg-type]
             assert body["score_name"] == score and body["samples"] == k == cal.samples
@@ -155,10 +156,16 @@ async def test_every_score_is_served_as_calibrated_and_equals_the_offline_scorer
                        "--output", str(table), "--name", "t", "--no-progress",
                        "--checkpoint", str(tiny_repo.parent / "t.pt")]) == 0
     async with serving(table, default_model="t", reload_interval=0) as (_, client):
-        r = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": "complexity"})
-        assert r.status_code == 422 and "Bernoulli image models" in r.json()["error"]["message"]
+        for score in ("complexity", "typicality"):
+            r = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": score})
+            assert r.status_code == 422 and "Bernoulli image models" in r.json()["error"]["message"]
         ok = await client.post("/anomaly-score", json={"inputs": rows[:2].tolist(), "score": "iwae"})
         assert ok.status_code == 200
+        default = (await client.post("/anomaly-score", json={"inputs": rows[:2].tolist()})).json()
+        assert default["score_name"] == "elbo"  # a table model has no typicality reference
+    scorer = ServedScorer.load(table / "t" / "1")
+    assert scorer.manifest.typicality is None and scorer.manifest.default_score == "elbo"
+    np.testing.assert_array_equal(scorer(rows[:5]), scorer(rows[:5], score="elbo"))
 
 
 @pytest.mark.anyio
@@ -214,3 +221,18 @@ async def test_rows_far_outside_the_data_are_flagged_as_the_most_anomalous(tmp_p
             assert body["is_anomaly"] == [True, True, True, False]
             assert body["percentile"][:3] == [100.0, 100.0, 100.0]
             assert min(body["score"][:3]) > 1e6 * body["score"][3]
+
+
+def test_the_chi_squared_tail_is_scipys_and_stays_finite_far_out():
+    """scoring.chi2_3_logsf equals scipy's chi2.logsf(d2, 3) where that is finite, and keeps ranking
+    rows far beyond where scipy's falls to -inf (a row a million units out must outscore one a thousand out)."""
+    from scipy.stats import chi2
+
+    from service.scoring import chi2_3_logsf
+
+    d2 = np.array([0.0, 1e-6, 0.5, 3.0, 10.0, 100.0, 1000.0])
+    np.testing.assert_allclose(chi2_3_logsf(d2), chi2.logsf(d2, 3), rtol=1e-9, atol=1e-12)
+    far = chi2_3_logsf(np.array([1e4, 1e6, 1e12]))
+    assert np.all(np.isfinite(far)) and np.all(np.diff(far) < 0)
+    np.testing.assert_allclose(far[1], -5e5 + np.log(2 * np.sqrt(5e5 / np.pi)), rtol=1e-9)
+

@@ -32,6 +32,8 @@ def test_exported_manifest_is_valid_and_complete(tiny_model):
     assert len(m.parity) == 2 * 2 * 2 * 2  # graphs x runtimes x input kinds x batch sizes
     assert {c.batch_size for c in m.parity} == {1, 64}
     assert m.calibration.n_rows == 270 and m.calibration.threshold_level == 0.99
+    assert m.typicality is not None and m.typicality.n_rows == 1527 and m.typicality.samples == 1
+    assert m.default_score == "typicality" and m.calibrations["typicality"].n_rows == 270
 
 
 def test_calibration_percentile_is_monotone_and_bounded(tiny_model):
@@ -52,6 +54,10 @@ def test_calibration_percentile_is_monotone_and_bounded(tiny_model):
     (lambda d: d["files"].pop("decoder.onnx"), "missing"),
     (lambda d: d["files"].update({"../evil": "0" * 64}), "plain files"),
     (lambda d: d.update(name="../x"), "name"),
+    (lambda d: d["typicality"].update(precision=[[1, 0, 0], [0, -1, 0], [0, 0, 1]]), "positive-definite"),
+    (lambda d: d["typicality"].update(precision=[[1, 2, 0], [0, 1, 0], [0, 0, 1]]), "positive-definite"),
+    (lambda d: d["typicality"].update(statistics=["kl", "reconstruction", "distance"]), "reconstruction, kl, distance"),
+    (lambda d: d["typicality"].update(elbo_std=0.0), "elbo_std"),
 ])
 def test_invalid_manifests_are_refused(model_copy, change, message):
     edit(model_copy, change)

@@ -126,7 +126,7 @@ async def test_anomaly_score_matches_the_reference_computation(client, ref):
     x = digits_rows(4, start=200)
     noisy = np.random.default_rng(0).uniform(0, 16, (1, 64)).astype(np.float32)
     rows = np.concatenate([x, noisy])
-    body = (await client.post("/anomaly-score", json={"inputs": rows.tolist()})).json()
+    body = (await client.post("/anomaly-score", json={"inputs": rows.tolist(), "score": "elbo"})).json()
     m = ref.manifest
     xm = rows / 16
     mean, logvar = ref.encode(rows)
@@ -140,8 +140,40 @@ async def test_anomaly_score_matches_the_reference_computation(client, ref):
     assert body["threshold"] == pytest.approx(m.calibration.threshold)
     assert body["is_anomaly"] == [bool(s > m.calibration.threshold) for s in score]
     assert body["is_anomaly"][-1] is True and body["percentile"][-1] == 100.0  # uniform noise is not a digit
-    custom = (await client.post("/anomaly-score", json={"inputs": rows.tolist(), "threshold": 0.0})).json()
+    custom = (await client.post("/anomaly-score", json={"inputs": rows.tolist(), "score": "elbo",
+                                                        "threshold": 0.0})).json()
     assert custom["threshold"] == 0.0 and all(custom["is_anomaly"])
+
+
+async def test_the_typicality_score_is_an_image_models_default_and_matches_its_definition(client, ref):
+    """The more surprising of two tests against the training rows, computed here from the graphs and
+    scipy's distributions: chi-squared (3 degrees of freedom) on the squared Mahalanobis distance of
+    log(1 + [reconstruction, KL, distance to the decoder's output]), and a normal upper tail on
+    log(1 + negative ELBO). A blank image is flagged; the digits are not."""
+    from scipy.stats import chi2, norm
+
+    rows = np.concatenate([digits_rows(4, start=200), np.zeros((1, 64), dtype=np.float32)])
+    body = (await client.post("/anomaly-score", json={"inputs": rows.tolist()})).json()
+    assert body["score_name"] == "typicality" and body["samples"] == 1
+    m = ref.manifest
+    assert m.typicality is not None
+    xm = rows / 16
+    mean, logvar = ref.encode(rows)
+    eps = common_noise(1, 8, m.calibration.seed)
+    out = ref.decoder.run(None, {"z": sample_latents(mean, logvar, eps)})[0]
+    elbo, rec, kl = scores(xm, mean, logvar, eps, out, "bernoulli", None)
+    stats = np.log1p(np.stack([rec, kl, np.linalg.norm(xm - out, axis=1)], axis=1))
+    d = stats - np.asarray(m.typicality.mean)
+    d2 = np.einsum("ij,jk,ik->i", d, np.asarray(m.typicality.precision), d)
+    z = (np.log1p(elbo) - m.typicality.elbo_mean) / m.typicality.elbo_std
+    expected = np.maximum(-chi2.logsf(d2, 3), -norm.logsf(z))
+    np.testing.assert_allclose(body["score"], expected, rtol=1e-5)
+    cal = m.calibration_for("typicality")
+    assert cal is not None and body["threshold"] == pytest.approx(cal.threshold)
+    np.testing.assert_allclose(body["percentile"], cal.percentile(expected), atol=1e-3)
+    assert body["is_anomaly"][-1] is True and not any(body["is_anomaly"][:4])
+    info = (await client.get(f"/models/{m.name}")).json()
+    assert info["default_score"] == "typicality" and "typicality" in info["scores"]
 
 
 async def test_the_same_row_gets_the_same_score_whatever_its_neighbours(client):

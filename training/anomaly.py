@@ -83,19 +83,22 @@ class ServedScorer:
                              "through the service (POST /anomaly-score with labels)")
         return cls(manifest, encoder, decoder)
 
-    def __call__(self, x: np.ndarray, samples: int | None = None, score: ScoreName = "elbo") -> np.ndarray:
-        """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise."""
+    def __call__(self, x: np.ndarray, samples: int | None = None, score: ScoreName | None = None) -> np.ndarray:
+        """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise;
+        `score` None: the model's default, as POST /anomaly-score chooses it."""
         m = self.manifest
+        score = score_asked(score, samples, m.default_score)
         calibration = self.calibration(score)
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
         return score_with_graphs(self.encoder, self.decoder, xm, score=score, samples=samples or calibration.samples,
                                  seed=calibration.seed, latent_dim=m.latent_dim, likelihood=m.likelihood,
-                                 decoder_logvar=m.decoder_logvar)
+                                 decoder_logvar=m.decoder_logvar, reference=m.typicality)
 
-    def explain(self, x: np.ndarray, samples: int | None = None, score: ScoreName = "elbo") -> np.ndarray:
+    def explain(self, x: np.ndarray, samples: int | None = None, score: ScoreName | None = None) -> np.ndarray:
         """Each feature's part of the reconstruction term [N, D], nats, as POST /anomaly-score explains it."""
         m = self.manifest
+        score = score_asked(score, samples, m.default_score)
         calibration = self.calibration(score)
         k = samples or calibration.samples
         shift, scale = m.preprocessing.arrays()

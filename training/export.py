@@ -36,10 +36,19 @@ from service.manifest import (
     Manifest,
     ParityCheck,
     ScoreName,
+    Typicality,
     sha256_of,
 )
 from service.runtime import load_graph
-from service.scoring import score_with_graphs, supports_complexity, with_label
+from service.scoring import (
+    TYPICALITY_STATISTICS,
+    graph_passes,
+    score_with_graphs,
+    scores,
+    supports_complexity,
+    typicality_statistics,
+    with_label,
+)
 from service.signing import SIGNATURE_FILE, load_private_key, sign_folder
 from training.data import Dataset
 from training.model import VAE
@@ -49,6 +58,8 @@ CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 201)
 CALIBRATION_SEED = 0
 THRESHOLD_LEVEL = 0.99
 IWAE_SAMPLES = 64  # K for the importance-weighted and complexity scores, as calibrated and served by default
+TYPICALITY_SAMPLES = 1  # K for the typicality score: one pass, as cheap as the ELBO (K = 16 measured the same)
+TYPICALITY_ROWS = 10_000  # training rows its reference is fitted on
 ONNX_OPSET = 18
 
 
@@ -138,15 +149,19 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray 
     return checks
 
 
+def _graph_args(folder: Path, model: VAE) -> dict[str, Any]:
+    """The exported ONNX graphs the service runs and the model facts scoring needs."""
+    return {"encoder": load_graph(folder / ENCODER_ONNX, "onnx"), "decoder": load_graph(folder / DECODER_ONNX, "onnx"),
+            "latent_dim": model.cfg.latent_dim, "num_classes": model.cfg.num_classes}
+
+
 def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: ScoreName = "elbo", samples: int = 1,
-              y_val: np.ndarray | None = None) -> Calibration:
+              y_val: np.ndarray | None = None, reference: Typicality | None = None) -> Calibration:
     """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
     with the same fixed noise the service scores with (a conditional model: with the rows' labels)."""
-    values_all = score_with_graphs(load_graph(folder / ENCODER_ONNX, "onnx"), load_graph(folder / DECODER_ONNX, "onnx"),
-                                   x_val, score=score, samples=samples, seed=CALIBRATION_SEED,
-                                   latent_dim=model.cfg.latent_dim, likelihood=model.cfg.likelihood,
-                                   decoder_logvar=decoder_logvar(model), labels=y_val,
-                                   num_classes=model.cfg.num_classes)
+    values_all = score_with_graphs(**_graph_args(folder, model), x=x_val, score=score, samples=samples,
+                                   seed=CALIBRATION_SEED, likelihood=model.cfg.likelihood,
+                                   decoder_logvar=decoder_logvar(model), labels=y_val, reference=reference)
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
     return Calibration(score=CURRENT_FORMULA[score],
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
@@ -154,18 +169,52 @@ def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: ScoreName = "e
                        threshold=float(np.quantile(values_all, THRESHOLD_LEVEL)))
 
 
+def typicality_rows(n: int) -> np.ndarray:
+    """Which of n training rows the typicality reference is fitted on: all, or a fixed draw of TYPICALITY_ROWS."""
+    if n <= TYPICALITY_ROWS:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(CALIBRATION_SEED).choice(n, TYPICALITY_ROWS, replace=False))
+
+
+def fit_typicality(folder: Path, model: VAE, x_fit: np.ndarray, y_fit: np.ndarray | None = None) -> Typicality:
+    """The typicality score's reference: the statistics of training rows x_fit (model space), through the
+    exported graphs with the service's noise at K = TYPICALITY_SAMPLES."""
+    stats, log_elbo = [], []
+    for xb, mean, logvar, eps, decoded in graph_passes(**_graph_args(folder, model), x=x_fit,
+                                                       samples=TYPICALITY_SAMPLES, seed=CALIBRATION_SEED,
+                                                       labels=y_fit):
+        _, reconstruction, kl = scores(xb, mean, logvar, eps, decoded, model.cfg.likelihood, decoder_logvar(model))
+        s, e = typicality_statistics(xb, decoded, reconstruction, kl)
+        stats.append(s)
+        log_elbo.append(e)
+    a, e = np.concatenate(stats), np.concatenate(log_elbo)
+    covariance = np.cov(a.T) + 1e-9 * np.eye(a.shape[1])  # a constant statistic must not make it singular
+    return Typicality(statistics=list(TYPICALITY_STATISTICS), samples=TYPICALITY_SAMPLES, seed=CALIBRATION_SEED,
+                      n_rows=len(a), mean=a.mean(axis=0).tolist(), precision=np.linalg.inv(covariance).tolist(),
+                      elbo_mean=float(e.mean()), elbo_std=float(max(e.std(), 1e-9)))
+
+
 def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray | None = None,
-                  report: Callable[[str], None] | None = None) -> tuple[Calibration, dict[ScoreName, Calibration]]:
-    """The default score's calibration, and every other score this model serves."""
+                  x_fit: np.ndarray | None = None, y_fit: np.ndarray | None = None,
+                  report: Callable[[str], None] | None = None
+                  ) -> tuple[Calibration, dict[ScoreName, Calibration], Typicality | None]:
+    """The default score's calibration, every other score this model serves, and (image models, given
+    training rows `x_fit`) the typicality score's reference."""
     say = report or (lambda _: None)
-    scores: list[tuple[ScoreName, int]] = [("iwae", IWAE_SAMPLES)]
-    if supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape)):
-        scores.append(("complexity", IWAE_SAMPLES))
+    scores_: list[tuple[ScoreName, int]] = [("iwae", IWAE_SAMPLES)]
+    image_model = supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape))
+    if image_model:
+        scores_.append(("complexity", IWAE_SAMPLES))
     others = {}
-    for score, k in scores:
+    for score, k in scores_:
         say(f"calibrating the {score} score on {len(x_val)} held-out rows (K={k})")
         others[score] = calibrate(folder, model, x_val, score, k, y_val)
-    return calibrate(folder, model, x_val, y_val=y_val), others
+    reference = None
+    if image_model and x_fit is not None:
+        say(f"fitting the typicality score on {len(x_fit)} training rows")
+        reference = fit_typicality(folder, model, x_fit, y_fit)
+        others["typicality"] = calibrate(folder, model, x_val, "typicality", TYPICALITY_SAMPLES, y_val, reference)
+    return calibrate(folder, model, x_val, y_val=y_val), others, reference
 
 
 def claim_new_model(output: Path, base: str) -> Path:
@@ -214,7 +263,10 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
         say("checking both runtimes against the eager model")
         parity = check_parity(work, model, x_val, y_val)
-        calibration, calibrations = calibrate_all(work, model, x_val, y_val, report=say)
+        keep = typicality_rows(len(data.x_train))
+        x_fit = data.preprocessing.apply(data.x_train[keep])
+        y_fit = data.label_index_train[keep] if model.cfg.conditional and data.label_index_train is not None else None
+        calibration, calibrations, typicality = calibrate_all(work, model, x_val, y_val, x_fit, y_fit, report=say)
         files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
         for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
             f.chmod(0o644)
@@ -233,7 +285,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
                 "classes": data.classes if model.cfg.conditional else None,
                 "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
-                "calibration": calibration, "calibrations": calibrations, "files": files,
+                "calibration": calibration, "calibrations": calibrations, "typicality": typicality, "files": files,
             })
             (work / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
             if key is not None:

@@ -261,9 +261,10 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     if folder.parent.name != name:
         print(f"{args.output / name} exists, so this model is {folder.parent.name}, a model of its own "
               f"(pass --name {name} to add a version to {name} instead)")
+    default = manifest.calibration_for(manifest.default_score) or manifest.calibration
     print(f"exported {folder} (TorchScript and ONNX match eager within {worst:.1e}; "
-          f"anomaly threshold {manifest.calibration.threshold:.2f} nats at the "
-          f"{manifest.calibration.threshold_level:.0%} quantile)")
+          f"default anomaly score {manifest.default_score}, threshold {default.threshold:.2f} nats at the "
+          f"{default.threshold_level:.0%} quantile)")
     return folder
 
 

@@ -19,12 +19,12 @@ import csv
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from tqdm import tqdm
 
-from service.manifest import ScoreName
+from service.manifest import ScoreName, score_asked
 from training.data import DataError, align_columns, check_finite, column_list, read_csv_table
 
 
@@ -68,7 +68,7 @@ def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | N
                 key=key) as client:
         limits = client.models()["limits"]
         x = align_columns(x, columns, client.metadata().get("feature_names") if columns else None, source)
-        k = samples or (1 if score == "elbo" else 64)
+        k = samples or (64 if score in ("iwae", "complexity") else 1)
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
         names: list[str] | None = None
@@ -93,12 +93,13 @@ def top_features(parts: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarr
     return index, np.take_along_axis(parts, index, axis=1)
 
 
-def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName, samples: int | None,
+def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName | None, samples: int | None,
                 progress: bool, explain: int = 0, columns: list[str] | None = None,
                 source: str = "the input") -> dict[str, Any]:
     from training.anomaly import ServedScorer
 
     scorer = ServedScorer.load(model_dir)
+    score = score_asked(score, samples, scorer.manifest.default_score)
     cal = scorer.calibration(score)
     x = align_columns(x, columns, scorer.manifest.feature_names if columns else None, source)
     if x.shape[1] != scorer.manifest.input_dim:
@@ -160,8 +161,8 @@ def parser() -> argparse.ArgumentParser:
                    "(for a self-signed or private CA; the certificate is always verified)")
     p.add_argument("--cert", type=Path, help="with an https --url: client certificate (PEM) for mutual TLS")
     p.add_argument("--key", type=Path, help="with --cert: its private key (PEM), unless the certificate file holds it")
-    p.add_argument("--score", choices=("elbo", "iwae", "complexity"), default="elbo",
-                   help="which score (README: Anomaly detection)")
+    p.add_argument("--score", choices=get_args(ScoreName),
+                   help="which score (README: Anomaly detection) [default: the model's, as POST /anomaly-score]")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
     p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
     p.add_argument("--ignore-columns", type=column_list, default=(), metavar="A,B",

@@ -190,11 +190,11 @@ class _Operations:
     def anomaly_score(self, x: Any, *, score: str | None = None, samples: int | None = None,
                       threshold: float | None = None, explain: bool = False, model: str | None = None,
                       version: int | None = None) -> Any:
-        """Rows -> AnomalyResult. score: elbo | iwae | complexity (None: the server's default); samples:
+        """Rows -> AnomalyResult. score: elbo | iwae | complexity | typicality (None: the model's default); samples:
         None = the K the score was calibrated with; explain: each feature's part of the reconstruction
         term (`explanation`, `feature_names`). Chunks keep rows x K within VAE_MAX_DECODE_ROWS."""
         rows = _rows(x, "x")
-        assumed_k = samples or (1 if score in (None, "elbo") else 64)  # the server's calibrated K by default
+        assumed_k = samples or (64 if score in ("iwae", "complexity") else 1)  # the server's calibrated K by default
 
         def build(lim: Limits) -> _Plan:
             size = max(1, min(lim.max_rows, lim.max_decode_rows // assumed_k))
