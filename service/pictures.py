@@ -42,13 +42,12 @@ def grid(images: np.ndarray, columns: int, upscale: int) -> np.ndarray:
     """uint8 images [N, C, H, W] -> one picture [rows, cols, C], laid out as the module says."""
     n, c, h, w = images.shape
     columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
     cell_h, cell_w = h * upscale, w * upscale
-    canvas = np.full((PAD + rows * (cell_h + PAD), PAD + columns * (cell_w + PAD), c), BACKGROUND, dtype=np.uint8)
-    big = images.repeat(upscale, axis=2).repeat(upscale, axis=3).transpose(0, 2, 3, 1)  # [N, H', W', C]
-    for k in range(n):
+    canvas = np.full((*canvas_size(n, (c, h, w), columns, upscale), c), BACKGROUND, dtype=np.uint8)
+    for k in range(n):  # one image scaled up at a time: the picture is the only large array
         top, left = PAD + (k // columns) * (cell_h + PAD), PAD + (k % columns) * (cell_w + PAD)
-        canvas[top : top + cell_h, left : left + cell_w] = big[k]
+        canvas[top : top + cell_h, left : left + cell_w] = images[k].repeat(upscale, axis=1).repeat(upscale, axis=2) \
+            .transpose(1, 2, 0)
     return canvas
 
 
@@ -60,21 +59,38 @@ def encode_png(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def canvas_size(n: int, input_shape: tuple[int, ...], columns: int, upscale: int) -> tuple[int, int]:
+    """(height, width) in pixels of `grid`'s picture of n images laid out in `columns` columns."""
+    _, h, w = input_shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    return PAD + rows * (h * upscale + PAD), PAD + columns * (w * upscale + PAD)
+
+
 def picture(rows: np.ndarray, input_shape: tuple[int, ...], low: np.ndarray, high: np.ndarray, *,
             columns: int | None = None, upscale: int | None = None, pairs: np.ndarray | None = None,
-            strip: bool = False, pairs_range: tuple[np.ndarray, np.ndarray] | None = None) -> bytes:
+            strip: bool = False, pairs_range: tuple[np.ndarray, np.ndarray] | None = None,
+            max_pixels: int | None = None) -> bytes:
     """Data-space rows [N, D] of an image model -> a PNG.
 
     pairs: rows [N, D] shown left of each row (inputs beside their reconstructions; `columns` then
     counts pairs), drawn over `pairs_range` when given (inputs beside a heat map of another range).
     strip: one row of images (an interpolation) unless `columns` is given.
-    Default columns: ceil(sqrt(N)) for a grid or pairs.
+    Default columns: ceil(sqrt(N)) for a grid or pairs. `max_pixels`: a 422 before anything is drawn
+    when the picture would be larger.
     """
     c, h, w = input_shape
     scale = upscale or default_upscale(h, w)
     n = len(rows)
     if columns is None:
         columns = n if strip else math.ceil(math.sqrt(n))
+    if max_pixels is not None:
+        count, cols = (2 * n, 2 * columns) if pairs is not None else (n, columns)
+        height, width = canvas_size(count, input_shape, cols, scale)
+        if height * width * c > max_pixels:
+            raise InvalidInput(f"the PNG answer would be {width} x {height} pixels ({height * width * c} values); the "
+                               f"limit is {max_pixels} (VAE_MAX_PICTURE_PIXELS): ask for a smaller upscale or fewer "
+                               "images, or for JSON", field="upscale")
     images = to_grey(rows, low, high).reshape(n, c, h, w)
     if pairs is not None:
         left = to_grey(pairs, *(pairs_range or (low, high))).reshape(n, c, h, w)
@@ -115,9 +131,9 @@ def render(call: Any, payload: dict[str, Any]) -> bytes:
         heat_low, heat_high = np.zeros(heat.shape[1]), np.full(heat.shape[1], top if top > 0 else 1.0)
         _check_count(2 * len(outputs))
         return picture(outputs, model.input_shape, heat_low, heat_high, columns=p.columns, upscale=p.upscale,
-                       pairs=inputs, pairs_range=(low, high))
+                       pairs=inputs, pairs_range=(low, high), max_pixels=call.settings.max_picture_pixels)
     outputs = payload["outputs"]
     inputs = call.rows("inputs") if isinstance(p, ReconstructParams) else None
     _check_count(len(outputs) * (1 if inputs is None else 2))
     return picture(outputs, model.input_shape, low, high, columns=p.columns, upscale=p.upscale, pairs=inputs,
-                   strip="t" in payload)
+                   strip="t" in payload, max_pixels=call.settings.max_picture_pixels)

@@ -70,6 +70,8 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         arrays = {}
         maybe_bools = False
     else:
+        if len(body) > codec.LARGE_BODY:
+            codec.check_json_values(body, state.settings.max_rows, repository.widest_row())
         data = codec.parse_json(body)
         arrays = {k: data.pop(k) for k in ARRAY_FIELDS if k in data}
         params = validate_params(params_type, data, strict=True)
@@ -93,10 +95,12 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
                 call = await parse_call()
                 labels = (call.model.name, str(call.model.version))
                 payload = await op.run(call, state)
+                # A picture (up to VAE_MAX_PICTURE_PIXELS) is drawn and compressed in a worker thread, where
+                # Pillow's encoder lets go of the GIL; every other answer is built here, bounded by the row limits.
+                response = await asyncio.to_thread(render, call, payload) if call.png else render(call, payload)
         except TimeoutError:
             raise Timeout(f"the request took longer than {state.settings.request_timeout:g}s "
                           "(VAE_REQUEST_TIMEOUT); its rows were dropped from the queue") from None
-        response = render(call, payload)
         status = 200
         return response
     except Exception as exc:

@@ -194,6 +194,11 @@ class Repository:
             log.error("refusing model %s: %s", key, e)
             return None
 
+    def widest_row(self) -> int:
+        """The most values one row (or latent) of any loaded model has: what bounds a legitimate body."""
+        return max((max(m.manifest.input_dim, m.latent_dim) for versions in self.models.values()
+                    for m in versions.values()), default=1)
+
     def _add(self, model: LoadedModel) -> None:
         key = f"{model.name}/{model.version}"
         self.failures.pop(key, None)

@@ -30,6 +30,8 @@ class Settings(BaseSettings):
     max_samples: int = Field(1000, ge=1, description="importance samples per row for /anomaly-score")
     max_decode_rows: int = Field(131072, ge=1, description="rows x samples per /anomaly-score request")
     max_steps: int = Field(256, ge=2, description="points per /interpolate request")
+    max_picture_pixels: int = Field(16 * 1024 * 1024, ge=4096, description="pixels in one PNG answer (width x "
+                                    "height x channels); a larger picture is a 422 before it is drawn")
     drift_window_rows: int = Field(10000, ge=100, description="recent scored rows behind vae_anomaly_score_psi")
     request_timeout: float = Field(30.0, gt=0, description="seconds before a request gets 504")
     retry_after: int = Field(1, ge=0, description="Retry-After seconds sent with 503")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,8 +150,10 @@ def _tensor(spec: Any, i: int, binary: bytes, offset: int) -> tuple[str, np.ndar
     return name, flat.reshape(shape), offset
 
 
-def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation) -> tuple[InferRequest, dict]:
-    """The request body -> its protocol parts and the operation's parameters (still unvalidated)."""
+def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation,
+                count: Callable[[bytes], None] | None = None) -> tuple[InferRequest, dict]:
+    """The request body -> its protocol parts and the operation's parameters (still unvalidated);
+    `count` checks a large JSON header's values before it is parsed."""
     if header_length is None:
         header, binary = body, b""
     else:
@@ -159,6 +162,8 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
             raise MalformedBody(f"Inference-Header-Content-Length is {quoted(header_length)}; it must be a number of "
                                 f"bytes (ASCII digits) no larger than the body's {len(body)}")
         header, binary = body[:length], body[length:]
+    if count is not None and len(header) > codec.LARGE_BODY:
+        count(header)
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as e:
@@ -270,7 +275,9 @@ async def infer(request: Request, state: AppState, name: str, version: str | Non
     async def parse_call() -> Call:
         repository = await state.loaded_repository()
         body = await read_body(request, state)
-        infer_request, params = parse_infer(body, request.headers.get(HEADER_LENGTH), name, op)
+        infer_request, params = parse_infer(
+            body, request.headers.get(HEADER_LENGTH), name, op,
+            lambda header: codec.check_json_values(header, state.settings.max_rows, repository.widest_row()))
         parsed.append(infer_request)
         validated = validate_params(op.params, {**params, "model": model_name, "version": number}, strict=True)
         model = repository.get(model_name, number)
