@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One inference thread: on a small CPU the event loop keeps the other core, and batches of
         # different networks never contend for the same cores.
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-inference")
+        executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="vae-inference")
         repository = Repository(settings, state.metrics, executor)
 
         async def load() -> None:

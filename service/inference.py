@@ -129,24 +129,38 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
             "outputs": await _decode(model, z, labels, field, per_row=False)}
 
 
+def rows_per_pass(samples: int, width: int, pass_values: int) -> int:
+    """Rows whose K samples decode to at most `pass_values` values (at least one row)."""
+    return max(1, pass_values // (samples * width))
+
+
 async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,
                         calibration: Calibration, threshold: float | None, labels: np.ndarray | None = None,
-                        explain: bool = False) -> Payload:
+                        explain: bool = False, pass_values: int = 1 << 20) -> Payload:
     """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
     (a conditional model scores -log p(x | label)); with `explain`, each feature's part of the
-    reconstruction term (`scoring.explanation`), and the manifest's feature names."""
+    reconstruction term (`scoring.explanation`), and the manifest's feature names.
+
+    The rows go through the graphs a group at a time, each group's K samples decoding to at most
+    `pass_values` values (VAE_MAX_PASS_VALUES): no forward pass holds an inference thread for long, other
+    requests' passes run between them, and a request past its timeout runs no further pass."""
     xm = model.to_model_space(x)
-    mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
     eps = model.noise(samples)
-    (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), labels, model.num_classes, samples))
     m = model.manifest
-    values, reconstruction, kl = served_score(score, xm, mean, logvar, eps, out, m.likelihood, m.decoder_logvar,
-                                              m.typicality)
+    step = rows_per_pass(samples, m.input_dim, pass_values)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for start in range(0, len(xm), step):
+        xb = xm[start : start + step]
+        yb = None if labels is None else labels[start : start + step]
+        mean, logvar = await model.encoder(with_label(xb, yb, model.num_classes))
+        (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), yb, model.num_classes, samples))
+        part = served_score(score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar, m.typicality)
+        parts.append((*part, explanation(xb, out, samples, m.likelihood, m.decoder_logvar)) if explain else part)
+    values, reconstruction, kl, *explained = (np.concatenate(a) for a in zip(*parts, strict=True))
     used = calibration.threshold if threshold is None else threshold
     return {
         **_header(model), "score": values, "reconstruction": reconstruction, "kl": kl,
         "percentile": calibration.percentile(values), "is_anomaly": values > used, "threshold": used,
         "samples": samples, "score_name": score,
-        **({"explanation": explanation(xm, out, samples, m.likelihood, m.decoder_logvar),
-            "feature_names": m.feature_names} if explain else {}),
+        **({"explanation": explained[0], "feature_names": m.feature_names} if explain else {}),
     }

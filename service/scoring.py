@@ -227,12 +227,13 @@ def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
 
 def graph_passes(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
                  decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, samples: int, seed: int,
-                 latent_dim: int, chunk_rows: int = 65_536, labels: np.ndarray | None = None, num_classes: int = 0
+                 latent_dim: int, chunk_values: int = 1 << 22, labels: np.ndarray | None = None, num_classes: int = 0
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """(x, mean, logvar, eps, decoded) per chunk of model-space rows x [N, D], `chunk_rows` rows x
-    samples at a time, with the fixed noise of `seed`: the encoder and decoder passes the service runs."""
+    """(x, mean, logvar, eps, decoded) per chunk of model-space rows x [N, D], as many rows at a time as
+    decode (K samples each) to at most `chunk_values` values, with the fixed noise of `seed`: the encoder
+    and decoder passes the service runs. The bound keeps a conv model's activations to a few hundred MB."""
     eps = common_noise(samples, latent_dim, seed)
-    step = max(1, chunk_rows // samples)
+    step = max(1, chunk_values // (samples * max(1, x.shape[1])))
     for start in range(0, len(x), step):
         xb = x[start : start + step]
         yb = None if labels is None else labels[start : start + step]
@@ -244,7 +245,7 @@ def graph_passes(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
 def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
                       decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, score: str,
                       samples: int, seed: int, latent_dim: int, likelihood: str,
-                      decoder_logvar: float | list[float] | None, chunk_rows: int = 65_536,
+                      decoder_logvar: float | list[float] | None, chunk_values: int = 1 << 22,
                       labels: np.ndarray | None = None, num_classes: int = 0,
                       reference: Typicality | None = None) -> np.ndarray:
     """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
@@ -254,5 +255,5 @@ def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
     return np.concatenate([
         served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar, reference)[0]
         for xb, mean, logvar, eps, decoded in graph_passes(encoder, decoder, x, samples=samples, seed=seed,
-                                                           latent_dim=latent_dim, chunk_rows=chunk_rows,
+                                                           latent_dim=latent_dim, chunk_values=chunk_values,
                                                            labels=labels, num_classes=num_classes)])

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_samples: int = Field(1000, ge=1, description="importance samples per row for /anomaly-score")
     max_decode_rows: int = Field(131072, ge=1, description="rows x samples per /anomaly-score request")
+    max_pass_values: int = Field(1 << 20, ge=1024, description="decoded values (rows x samples x features) per "
+                                 "forward pass of /anomaly-score; a larger request runs as several passes")
+    inference_threads: int = Field(1, ge=1, le=64, description="threads running forward passes, shared by every "
+                                   "model; each network runs one pass at a time")
     max_steps: int = Field(256, ge=2, description="points per /interpolate request")
     max_picture_pixels: int = Field(16 * 1024 * 1024, ge=4096, description="pixels in one PNG answer (width x "
                                     "height x channels); a larger picture is a 422 before it is drawn")

@@ -236,3 +236,22 @@ def test_the_chi_squared_tail_is_scipys_and_stays_finite_far_out():
     assert np.all(np.isfinite(far)) and np.all(np.diff(far) < 0)
     np.testing.assert_allclose(far[1], -5e5 + np.log(2 * np.sqrt(5e5 / np.pi)), rtol=1e-9)
 
+
+
+@pytest.mark.anyio
+async def test_a_request_cut_into_passes_scores_as_one_pass():
+    """VAE_MAX_PASS_VALUES at its floor cuts K = 64 into one row per pass and K = 8 into two: the same
+    scores, parts and explanations as one pass, for every score (the noise is shared by every row)."""
+    from tests.service_helpers import DEFAULT_MODEL
+
+    x = digits_rows(12, start=700)
+    answers = []
+    for pass_values in (1 << 20, 1024):
+        async with serving(DEFAULT_MODEL.parents[1], reload_interval=0, max_pass_values=pass_values) as (_, client):
+            answers.append([(await client.post("/anomaly-score", json={"inputs": x.tolist(), "score": score,
+                                                                         "samples": k, "explain": True})).json()
+                            for score, k in (("elbo", 1), ("iwae", 64), ("typicality", 1), ("complexity", 8))])
+    for one, cut in zip(*answers, strict=True):
+        for key in ("score", "reconstruction", "kl", "percentile", "is_anomaly", "explanation"):
+            np.testing.assert_allclose(np.asarray(cut[key], dtype=float), np.asarray(one[key], dtype=float),
+                                       rtol=1e-6, err_msg=key)

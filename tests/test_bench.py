@@ -115,18 +115,25 @@ def test_the_ood_benchmark_reports_every_score_for_every_kind_and_class(tmp_path
     images = np.clip(images, 0, 255).astype(np.uint8)
     np.savez(tmp_path / "mnist.npz", x_train=images[:600], y_train=digits.target[:600],
              x_test=images[600:], y_test=digits.target[600:])
-    assert main(["--mnist", str(tmp_path / "mnist.npz"), "--classes", "7", "--epochs", "1",
-                 "--out", str(tmp_path / "out")]) == 0
+    # The same file stands in for Fashion-MNIST, so each model also scores the "other" data set.
+    assert main(["--mnist", str(tmp_path / "mnist.npz"), "--fashion", str(tmp_path / "mnist.npz"), "--arch", "mlp",
+                 "--classes", "7", "--epochs", "1", "--out", str(tmp_path / "out")]) == 0
     (result_file,) = (tmp_path / "out").glob("ood_*.json")
-    result = json.loads(result_file.read_text())
-    assert set(result["simple"]) == {"blank", "constant", "blurred", "digits 8x8 upscaled", "inverted"}
-    assert set(result["held_out"]) == {"7"}
-    for row in [*result["simple"].values(), *result["held_out"].values()]:
+    run = json.loads(result_file.read_text())["runs"]["mlp"]
+    simple = {"blank", "constant", "blurred", "digits 8x8 upscaled", "inverted"}
+    assert set(run["pairs"]) == {"mnist", "fashion-mnist"}
+    assert set(run["pairs"]["mnist"]) == {"fashion-mnist test", *simple}
+    assert set(run["pairs"]["fashion-mnist"]) == {"mnist test"}
+    assert set(run["held_out"]) == {"7"}
+    rows = [*run["held_out"].values(), *(v for pair in run["pairs"].values() for v in pair.values())]
+    for row in rows:
         assert set(row) == set(SCORES) and all(0.0 <= v <= 1.0 for v in row.values())
-    # The upscaled digits are this model's own data, so it cannot tell them from its test rows.
-    assert abs(result["simple"]["digits 8x8 upscaled"]["elbo"] - 0.5) < 0.2
+    # The upscaled digits and the stand-in "other" set are this model's own data: no score can tell them apart.
+    assert abs(run["pairs"]["mnist"]["digits 8x8 upscaled"]["elbo"] - 0.5) < 0.2
+    assert abs(run["pairs"]["mnist"]["fashion-mnist test"]["typicality"] - 0.5) < 0.1
     out = capsys.readouterr().out
-    assert "| held-out class | 7 | mean |" in out and "| `complexity` |" in out
+    assert "| held-out class | 7 | mean |" in out and "| `typicality` |" in out
+    assert "| fashion-mnist | mnist test |" in out
 
 
 def test_the_extra_anomaly_tables_are_built_one_class_out_and_the_same_every_run(tmp_path, capsys):

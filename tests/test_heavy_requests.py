@@ -86,3 +86,38 @@ def test_a_body_of_millions_of_rows_is_refused_before_it_is_parsed(server):
     rows = orjson.dumps({"inputs": [[0.0]] * 2000})
     r = httpx.post(f"{server.url}/encode", content=rows, headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 413 and "2000 rows; the limit is 1024" in r.json()["error"]["message"]
+
+
+def test_a_heavy_score_on_one_model_does_not_stall_another(server):
+    """131 MNIST rows x 1,000 importance samples (within VAE_MAX_DECODE_ROWS) was one 131,000-row forward
+    pass: a one-row /encode on the digits model waited 32 s for the shared inference thread and got a
+    504, and the server kept 6 GB afterwards. Cut into passes of VAE_MAX_PASS_VALUES decoded values, the
+    other model's request runs between them."""
+    import numpy as np
+
+    rows = np.random.default_rng(0).uniform(0, 255, (131, 784)).round().tolist()
+    heavy_body = {"model": "mnist", "label": "1", "inputs": rows, "samples": 1000, "score": "iwae"}
+    before = server.rss_mb() or 0.0
+    result: list[httpx.Response] = []
+    thread = threading.Thread(target=lambda: result.append(
+        httpx.post(f"{server.url}/anomaly-score", json=heavy_body, timeout=60)))
+    worst = 0.0
+    peak = before
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        client.post("/encode", json={"inputs": [[0.0] * 64]})
+        thread.start()
+        time.sleep(0.3)  # the heavy request is parsed and running
+        while thread.is_alive():
+            start = time.perf_counter()
+            assert client.post("/encode", json={"inputs": [[0.0] * 64]}).status_code == 200
+            worst = max(worst, time.perf_counter() - start)
+            peak = max(peak, server.rss_mb() or 0.0)
+            time.sleep(0.05)
+    thread.join()
+    (r,) = result
+    assert r.status_code == 200, r.text
+    assert len(r.json()["score"]) == 131 and r.json()["samples"] == 1000
+    assert worst < 1.0, f"a one-row /encode on another model took {worst:.2f} s"
+    after = server.rss_mb() or 0.0
+    print(f"RSS before {before:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB; worst encode {worst:.3f} s")
+    assert after < 1500
