@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ class Call:
     maybe_bools: bool
     npz: bool = False  # answer .npz rather than JSON (native protocol)
     png: bool = False  # answer one PNG picture (native protocol, image models)
+    gone: Callable[[], Awaitable[bool]] | None = None  # whether the client has closed its connection
 
     def labels(self, n: int) -> np.ndarray | None:
         """Class indices [n] from `label` (one for all rows, or one per row) or `labels` (one per row);

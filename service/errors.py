@@ -86,6 +86,12 @@ class Timeout(ServiceError):
     status, code = 504, "timeout"
 
 
+class ClientGone(ServiceError):
+    """The client closed its connection while its request ran; nobody reads this answer (nginx's 499)."""
+
+    status, code = 499, "client_closed_request"
+
+
 class InferenceFailed(ServiceError):
     status, code = 500, "inference_failed"
 

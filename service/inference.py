@@ -10,11 +10,12 @@ refused (422, naming the row) rather than answered with NaN, which JSON would ca
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.errors import ClientGone, InvalidInput
 from service.manifest import Calibration, ScoreName
 from service.repository import LoadedModel
 from service.scoring import explanation, sample_latents, served_score, with_label
@@ -136,20 +137,25 @@ def rows_per_pass(samples: int, width: int, pass_values: int) -> int:
 
 async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, samples: int,
                         calibration: Calibration, threshold: float | None, labels: np.ndarray | None = None,
-                        explain: bool = False, pass_values: int = 1 << 20) -> Payload:
+                        explain: bool = False, pass_values: int = 1 << 20,
+                        gone: Callable[[], Awaitable[bool]] | None = None) -> Payload:
     """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
     (a conditional model scores -log p(x | label)); with `explain`, each feature's part of the
     reconstruction term (`scoring.explanation`), and the manifest's feature names.
 
     The rows go through the graphs a group at a time, each group's K samples decoding to at most
     `pass_values` values (VAE_MAX_PASS_VALUES): no forward pass holds an inference thread for long, other
-    requests' passes run between them, and a request past its timeout runs no further pass."""
+    requests' passes run between them, and a request past its timeout, or whose client is `gone`, runs no
+    further pass."""
     xm = model.to_model_space(x)
     eps = model.noise(samples)
     m = model.manifest
     step = rows_per_pass(samples, m.input_dim, pass_values)
     parts: list[tuple[np.ndarray, ...]] = []
     for start in range(0, len(xm), step):
+        if start and gone is not None and await gone():
+            raise ClientGone(f"the client closed the connection after {start} of {len(xm)} rows were scored; "
+                             "the rest were not")
         xb = xm[start : start + step]
         yb = None if labels is None else labels[start : start + step]
         mean, logvar = await model.encoder(with_label(xb, yb, model.num_classes))

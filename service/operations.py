@@ -107,7 +107,7 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
                                            threshold=p.threshold, labels=call.labels(len(x)), explain=p.explain,
-                                           pass_values=s.max_pass_values)
+                                           pass_values=s.max_pass_values, gone=call.gone)
     labels = (model.name, str(model.version))
     state.metrics.scored.labels(*labels).inc(len(x))
     state.metrics.anomalies.labels(*labels).inc(int(result["is_anomaly"].sum()))

@@ -80,7 +80,8 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     if answer == codec.PNG:
         pictures.check_drawable(model.input_shape, isinstance(params, PictureFields) and params.draws())
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=state.settings,
-                maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG)
+                maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG,
+                gone=request.is_disconnected)
 
 
 async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Callable[[], Awaitable[Call]],

@@ -282,7 +282,7 @@ async def infer(request: Request, state: AppState, name: str, version: str | Non
         validated = validate_params(op.params, {**params, "model": model_name, "version": number}, strict=True)
         model = repository.get(model_name, number)
         return Call(params=validated, model=model, arrays=_arrays(infer_request, op), npy=None,
-                    settings=state.settings, maybe_bools=False)
+                    settings=state.settings, maybe_bools=False, gone=request.is_disconnected)
 
     return await handle(state, f"v2/{op.name}", op, parse_call,
                         lambda call, payload: render(parsed[0], call, payload))

@@ -121,3 +121,31 @@ def test_a_heavy_score_on_one_model_does_not_stall_another(server):
     after = server.rss_mb() or 0.0
     print(f"RSS before {before:.0f} MB, peak {peak:.0f} MB, after {after:.0f} MB; worst encode {worst:.3f} s")
     assert after < 1500
+
+
+def test_a_heavy_score_whose_client_went_away_runs_no_further_passes(server):
+    """The client gives up after 1 s: the request stops at its next pass (recorded as 499), rather than
+    decoding its remaining rows x 1,000 samples for nobody."""
+    import numpy as np
+
+    from tests.service_helpers import metric
+
+    def decoded() -> float:
+        text = httpx.get(f"{server.url}/metrics").text
+        return metric(text, "vae_rows_processed_total", model="mnist", network="decoder")
+
+    rows = np.random.default_rng(1).uniform(0, 255, (131, 784)).round().tolist()
+    body = {"model": "mnist", "label": "1", "inputs": rows, "samples": 1000, "score": "iwae"}
+    start = decoded()
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{server.url}/anomaly-score", json=body, timeout=httpx.Timeout(30, read=1.0))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # the pass running when the client left still finishes
+        before = decoded()
+        time.sleep(1.0)
+        if decoded() == before:
+            break
+    done = decoded() - start
+    assert done < 131 * 1000 / 2, f"{done:.0f} of 131,000 rows were decoded after the client left"
+    text = httpx.get(f"{server.url}/metrics").text
+    assert metric(text, "vae_requests_total", endpoint="anomaly-score", status="499") >= 1
