@@ -10,12 +10,15 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 from tqdm import tqdm
 
 from bench import peers as peer_servers
@@ -126,6 +129,53 @@ def measure_model(run: dict[str, Any], model: str, repo: Path, bodies: dict[str,
             bar.update(2)
 
 
+def neighbour_load(url: str, stop: threading.Event, counts: Counter[str]) -> None:
+    """Heavy requests to the MNIST-sized model until `stop`, two at a time: iwae at the request limits
+    (131 rows x 1,000 samples = VAE_MAX_DECODE_ROWS) and 1,024-image PNG grids (12.8 M pixels)."""
+    rows = np.random.default_rng(0).random((131, 784)).round(3).tolist()
+    heavy = [("/anomaly-score", {"model": MNIST_NAME, "inputs": rows, "samples": 1000, "score": "iwae"}, {}),
+             ("/sample", {"model": MNIST_NAME, "n": 1024, "upscale": 4, "columns": 32, "seed": 1},
+              {"accept": "image/png"})]
+
+    def loop(first: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            k = first
+            while not stop.is_set():
+                path, body, headers = heavy[k % len(heavy)]
+                counts[f"{path} {client.post(path, json=body, headers=headers).status_code}"] += 1
+                k += 1
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def measure_neighbour(run: dict[str, Any], repo: Path, body: Path, duration: float, warmup: float,
+                      log: Path) -> None:
+    """Single-row /encode on the digits model at c=8, alone and while the MNIST-sized model serves heavy
+    requests (`neighbour_load`), on one server, back to back."""
+    with Server(model_dir=repo, default_model="digits", log=log) as server:
+        run_wrk(f"{server.url}/encode", body, connections=8, seconds=warmup, rows_per_request=1)
+        alone = run_wrk(f"{server.url}/encode", body, connections=8, seconds=duration, rows_per_request=1)
+        stop, counts = threading.Event(), Counter[str]()
+        load = threading.Thread(target=neighbour_load, args=(server.url, stop, counts))
+        load.start()
+        try:
+            time.sleep(1.0)  # the heavy requests are running
+            loaded = run_wrk(f"{server.url}/encode", body, connections=8, seconds=duration, rows_per_request=1)
+        finally:
+            stop.set()
+            load.join()
+        cells = {"alone": alone, "with_neighbour": loaded}
+        run["neighbour"] = {name: {"req_per_s": r.req_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+                                   "errors": r.errors, "requests": r.requests} for name, r in cells.items()}
+        run["neighbour"]["p99_ratio"] = loaded.p99_ms / alone.p99_ms
+        run["neighbour"]["heavy_requests"] = dict(counts)
+        run["neighbour"]["rss_mb"] = server.rss_mb()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     duration = args.duration or (3.0 if args.quick else 10.0)
@@ -142,7 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     log = work / "bench.log"
     setup, why = (None, "--quick") if args.quick else (None, "--no-peers") if args.no_peers else peer_servers.find()
     models = [MNIST_NAME] if args.quick else [MNIST_NAME, "digits"]
-    steps = len(WORKLOADS) * len(models) + (len(BATCHING_OFF) if not args.url else 0) + 2 + (1 if setup else 0)
+    neighbour = not args.quick and not args.url
+    steps = (len(WORKLOADS) * len(models) + (len(BATCHING_OFF) if not args.url else 0) + 2 + (1 if setup else 0)
+             + neighbour)
     machine = f"{os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}"
     run: dict[str, Any] = {"started": started, "machine": machine, "duration_s": duration, "warmup_s": warmup,
                            "service": {}, "raw": {}, "target_model": MNIST_NAME}
@@ -165,6 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         for model in models:
             measure_model(run, model, repo, write_bodies(work / model, rows[model]), args, duration, warmup, log, bar)
+        if neighbour:
+            bar.set_description("digits encode beside heavy requests to the MNIST-sized model")
+            measure_neighbour(run, repo, work / "digits" / "row.body", duration, warmup, log)
+            bar.update(1)
         runtime = run.get("runtime", "onnx")
         for model, cells in run["service"]["batching"].items():
             limits: dict[int, float] = {int(b): v for b, v in run["raw"][model][runtime].items()}

@@ -47,6 +47,12 @@ def targets(run: Result, model: str) -> list[Result]:
         ("64 rows v2 binary c=16 rows/s >= 75% of npy's", val(v2bin, "rows_per_s"), val(npy, "rows_per_s", 0.75),
          None, "rows/s"),
     ]
+    n = run.get("neighbour")
+    if n is not None:
+        rows += [("digits encode c=8 p99 beside heavy requests <= 2x alone", n["with_neighbour"]["p99_ms"],
+                  2 * n["alone"]["p99_ms"], None, "ms"),
+                 ("digits encode c=8 beside heavy requests: zero errors", n["with_neighbour"]["errors"], 0.0,
+                  n["with_neighbour"]["errors"] == 0, "errors")]
     out = []
     for name, measured, needed, holds, unit in rows:
         if holds is None and unit != "errors":
@@ -116,6 +122,18 @@ def markdown(run: Result) -> str:
         lines.append("")
     else:
         lines += [f"Peers not measured in this run: {run.get('peers_note')}.", ""]
+    n = run.get("neighbour")
+    if n is not None:
+        lines += ["## Noisy neighbour (one server; digits /encode 1 row c=8, alone then beside heavy requests "
+                  "to the MNIST-sized model)", "",
+                  "| digits /encode | req/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|"]
+        for name in ("alone", "with_neighbour"):
+            c = n[name]
+            lines.append(f"| {name.replace('_', ' ')} | {_num(c['req_per_s'])} | {c['p50_ms']:.2f} | "
+                         f"{c['p99_ms']:.2f} | {c['errors']} |")
+        heavy = ", ".join(f"{k}: {v}" for k, v in sorted(n["heavy_requests"].items()))
+        lines += ["", f"p99 beside the neighbour / alone: {n['p99_ratio']:.2f}x; the neighbour's requests: {heavy}; "
+                  f"server RSS after: {_num(n.get('rss_mb'))} MB.", ""]
     model = run["target_model"]
     lines += [f"## Targets ({model}, measured in this run)", "",
               "| target | measured | needed | holds |", "|---|---|---|---|"]

@@ -9,6 +9,7 @@ refused (422, naming the row) rather than answered with NaN, which JSON would ca
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import ClientGone, InvalidInput
-from service.manifest import Calibration, ScoreName
+from service.manifest import Calibration, ScoreName, Typicality
 from service.repository import LoadedModel
 from service.scoring import explanation, sample_latents, served_score, with_label
 
@@ -130,6 +131,17 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
             "outputs": await _decode(model, z, labels, field, per_row=False)}
 
 
+OFFLOAD_VALUES = 1 << 16  # decoded values in a pass above which its scores are computed off the event loop
+
+
+def _score_pass(score: ScoreName, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray,
+                out: np.ndarray, likelihood: str, decoder_logvar: float | list[float] | None,
+                reference: Typicality | None, explain: bool) -> tuple[np.ndarray, ...]:
+    """(score, reconstruction, kl[, explanation]) of one pass's rows."""
+    part = served_score(score, x, mean, logvar, eps, out, likelihood, decoder_logvar, reference)
+    return (*part, explanation(x, out, eps.shape[-2], likelihood, decoder_logvar)) if explain else part
+
+
 def rows_per_pass(samples: int, width: int, pass_values: int) -> int:
     """Rows whose K samples decode to at most `pass_values` values (at least one row)."""
     return max(1, pass_values // (samples * width))
@@ -160,8 +172,10 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
         yb = None if labels is None else labels[start : start + step]
         mean, logvar = await model.encoder(with_label(xb, yb, model.num_classes))
         (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), yb, model.num_classes, samples))
-        part = served_score(score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar, m.typicality)
-        parts.append((*part, explanation(xb, out, samples, m.likelihood, m.decoder_logvar)) if explain else part)
+        args = (score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar, m.typicality, explain)
+        # A pass's arithmetic is float64 over every decoded value: tens of ms for a full pass, which the
+        # event loop must not spend. numpy lets go of the GIL for it, so a worker thread frees the loop.
+        parts.append(await asyncio.to_thread(_score_pass, *args) if out.size > OFFLOAD_VALUES else _score_pass(*args))
     values, reconstruction, kl, *explained = (np.concatenate(a) for a in zip(*parts, strict=True))
     used = calibration.threshold if threshold is None else threshold
     return {
