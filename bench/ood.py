@@ -32,7 +32,8 @@ from training.data import Dataset, load_mnist
 
 SCORES: tuple[ScoreName, ...] = ("elbo", "iwae", "complexity", "typicality")
 REPO = Path(__file__).resolve().parents[1]
-NORMAL_ROWS = 3000  # test rows of the model's own data each comparison uses
+NORMAL_ROWS = 3000  # test rows of the model's own data each comparison uses (rows 1,000-3,999 of its test set)
+CALIBRATION_ROWS = 1000  # test rows 0-999 are the export's held-out rows: its calibrations, not measured here
 # Each architecture's flags beyond the image defaults: the conv model is a small one (two strided
 # convolutions and a dense layer), not one 128-channel convolution, which is what --hidden's default means for conv.
 ARCH_FLAGS = {"mlp": ["--arch", "mlp"], "conv": ["--arch", "conv", "--hidden", "32,64", "--dense", "128"]}
@@ -85,7 +86,7 @@ def pair_aurocs(own: Dataset, other: Dataset | None, epochs: int, arch: str) -> 
     """A model trained on `own`: its test rows against `other`'s test rows, and (own = MNIST) against the
     simple inputs."""
     with tempfile.TemporaryDirectory() as tmp:
-        scorer = train(own.x_train, own.x_val, Path(tmp), epochs, arch)
+        scorer = train(own.x_train, own.x_val[:CALIBRATION_ROWS], Path(tmp), epochs, arch)
         normal = scored(scorer, own.x_val[1000 : 1000 + NORMAL_ROWS])
         result = {}
         if other is not None:
@@ -100,7 +101,7 @@ def held_out_aurocs(mnist: Dataset, held: int, epochs: int, arch: str) -> dict[s
     if mnist.y_train is None or mnist.y_val is None:
         raise ValueError(f"{mnist.source}: the held-out measurement needs MNIST's labels")
     with tempfile.TemporaryDirectory() as tmp:
-        scorer = train(mnist.x_train[mnist.y_train != held], mnist.x_val, Path(tmp), epochs, arch)
+        scorer = train(mnist.x_train[mnist.y_train != held], mnist.x_val[:CALIBRATION_ROWS], Path(tmp), epochs, arch)
         return aurocs(scored(scorer, mnist.x_val[mnist.y_val != held][:NORMAL_ROWS]),
                       scored(scorer, mnist.x_val[mnist.y_val == held]))
 

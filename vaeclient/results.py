@@ -56,6 +56,6 @@ class AnomalyResult(Result):
     is_anomaly: np.ndarray  # bool [N]
     threshold: float
     samples: int
-    score_name: str  # elbo, iwae or complexity
+    score_name: str  # elbo, iwae, complexity or typicality
     explanation: np.ndarray | None = None  # with explain=True: [N, D] nats per feature, summing to reconstruction
     feature_names: list[str] | None = None  # with explain=True: the model's column names, when it has them
