@@ -219,8 +219,7 @@ def to_array(value: Any, field: str, *, maybe_bools: bool) -> np.ndarray:
         if array.dtype.kind not in _NUMERIC_KINDS or (maybe_bools and _has_bool(value)):
             path, message = _first_problem(value, field)
             raise InvalidInput(message, field=path)
-    with np.errstate(over="ignore"):
-        out = array.astype(np.float32, copy=False)
+    out = array.astype(np.float32, copy=False)  # beyond float32: inf, refused just below
     if not np.isfinite(out).all():
         where = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
         path = field + "".join(f"[{i}]" for i in where)

@@ -71,9 +71,8 @@ class LoadedModel:
         """float32 [N, D], C-contiguous, a new array (the caller's may be a read-only view)."""
         if self.identity:
             return np.array(x, dtype=np.float32, order="C")
-        with np.errstate(over="ignore"):  # beyond float32 after scaling: inf, which scores as the most anomalous
-            out = np.subtract(x, self.shift, dtype=np.float32)
-            out *= self.inv_scale
+        out = np.subtract(x, self.shift, dtype=np.float32)  # beyond float32: inf, the most anomalous score
+        out *= self.inv_scale
         return out
 
     def to_data_space(self, y: np.ndarray) -> np.ndarray:

@@ -65,9 +65,9 @@ def bounded(logvar: np.ndarray) -> np.ndarray:
 def sample_latents(mean: np.ndarray, logvar: np.ndarray, eps: np.ndarray) -> np.ndarray:
     """z [N*K, L]: row i's K samples are rows i*K .. i*K+K-1."""
     std = np.exp(0.5 * bounded(logvar))
-    with np.errstate(over="ignore"):  # a mean near float32's limit: z overflows to inf, its score to the ceiling
-        z = mean[:, None, :] + std[:, None, :] * _per_row(eps)
-        return z.reshape(-1, mean.shape[1]).astype(np.float32)
+    # A mean near float32's limit: z overflows to inf, its score to the ceiling.
+    z = mean[:, None, :] + std[:, None, :] * _per_row(eps)
+    return z.reshape(-1, mean.shape[1]).astype(np.float32)
 
 
 def feature_log_likelihood(x: np.ndarray, output: np.ndarray, likelihood: str,
@@ -97,9 +97,8 @@ def explanation(x: np.ndarray, output: np.ndarray, samples: int, likelihood: str
     x [N, D] in model space, output [N*K, D] as in `scores`. Far from the data a part overflows; it is
     then the ceiling, like a score."""
     n = x.shape[0]
-    with np.errstate(over="ignore", invalid="ignore"):
-        parts = -feature_log_likelihood(np.repeat(x, samples, axis=0), output, likelihood, decoder_logvar)
-        return _finite(parts.reshape(n, samples, -1).mean(axis=1))
+    parts = -feature_log_likelihood(np.repeat(x, samples, axis=0), output, likelihood, decoder_logvar)
+    return _finite(parts.reshape(n, samples, -1).mean(axis=1))
 
 
 def gaussian_kl(mean: np.ndarray, logvar: np.ndarray) -> np.ndarray:
@@ -201,18 +200,18 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
     """
     if score not in ("elbo", "iwae", "complexity", "typicality"):
         raise ValueError(f"unknown score {score!r}")
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected far from the data; see _finite
-        iw, reconstruction, kl = (_finite(a) for a in scores(x, mean, logvar, eps, output, likelihood, decoder_logvar))
-        if score == "elbo":
-            return _finite(reconstruction + kl), reconstruction, kl
-        if score == "iwae":
-            return iw, reconstruction, kl
-        if score == "typicality":
-            if reference is None:
-                raise ValueError("the typicality score needs the model's typicality reference")
-            return _finite(typicality(*typicality_statistics(x, output, reconstruction, kl), reference)), \
-                reconstruction, kl
-        return _finite(iw / LN2 - COMPLEXITY_WEIGHT * compressed_bits(x)), reconstruction, kl
+    # Overflow is expected far from the data (service/__init__.py quiets numpy's warning); see _finite.
+    iw, reconstruction, kl = (_finite(a) for a in scores(x, mean, logvar, eps, output, likelihood, decoder_logvar))
+    if score == "elbo":
+        return _finite(reconstruction + kl), reconstruction, kl
+    if score == "iwae":
+        return iw, reconstruction, kl
+    if score == "typicality":
+        if reference is None:
+            raise ValueError("the typicality score needs the model's typicality reference")
+        return _finite(typicality(*typicality_statistics(x, output, reconstruction, kl), reference)), \
+            reconstruction, kl
+    return _finite(iw / LN2 - COMPLEXITY_WEIGHT * compressed_bits(x)), reconstruction, kl
 
 
 def _finite(values: np.ndarray) -> np.ndarray:

@@ -42,18 +42,19 @@ def test_psi_is_small_for_the_calibration_distribution_and_large_for_a_shift():
 
 @pytest.mark.anyio
 async def test_scores_percentiles_and_drift_reach_the_metrics():
+    """The digits model's default score is typicality; samples > 1 asks for iwae."""
     async with serving(DEFAULT_MODEL.parents[1], reload_interval=0, drift_window_rows=100) as (_, client):
         assert (await client.post("/anomaly-score", json={"inputs": digits_rows(40).tolist()})).status_code == 200
         assert (await client.post("/anomaly-score", json={"inputs": digits_rows(5).tolist(),
                                                           "samples": 4})).status_code == 200
-        calm = metric((await client.get("/metrics")).text, "vae_anomaly_score_psi", score="elbo")
+        calm = metric((await client.get("/metrics")).text, "vae_anomaly_score_psi", score="typicality")
         await asyncio.sleep(1.05)  # the gauge refreshes at most once a second (the PSI is not per request)
         noise = np.full((60, 64), 16.0).tolist()
         assert (await client.post("/anomaly-score", json={"inputs": noise})).status_code == 200
         text = (await client.get("/metrics")).text
-    assert metric(text, "vae_anomaly_score_nats_count", score="elbo") == 100
+    assert metric(text, "vae_anomaly_score_nats_count", score="typicality") == 100
     assert metric(text, "vae_anomaly_score_nats_count", score="iwae") == 5
-    assert metric(text, "vae_anomaly_percentile_count", score="elbo") == 100
-    assert metric(text, "vae_anomaly_percentile_bucket", score="elbo", le="99.0") < 100  # the noise rows
-    assert calm < 0.5 < metric(text, "vae_anomaly_score_psi", score="elbo")
+    assert metric(text, "vae_anomaly_percentile_count", score="typicality") == 100
+    assert metric(text, "vae_anomaly_percentile_bucket", score="typicality", le="99.0") < 100  # the noise rows
+    assert calm < 0.5 < metric(text, "vae_anomaly_score_psi", score="typicality")
     assert metric(text, "vae_anomaly_score_psi", score="iwae") == 0  # K=4 is not what was calibrated
