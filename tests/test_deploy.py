@@ -300,7 +300,7 @@ def test_a_real_prometheus_scrapes_the_traffic(repo, tmp_path):
             'sum(vae_requests_total{endpoint="encode",status="422"})': 1.0,
             'sum(vae_rows_processed_total{network="encoder"})': 7 * 2 + 3,
             'sum(vae_anomaly_rows_scored_total)': 3.0,
-            'sum(vae_anomaly_score_nats_count{score="elbo"})': 3.0,
+            'sum(vae_anomaly_score_nats_count{score="typicality"})': 3.0,  # the image model's default
             'up{job="vaeserve"}': 1.0,
         }
         deadline = time.monotonic() + 60
