@@ -73,6 +73,9 @@ ScoreName = Literal["elbo", "iwae", "complexity", "typicality"]
 Formula = Literal["negative_elbo", "iwae", "complexity", "complexity_v2", "typicality"]
 CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "iwae", "complexity": "complexity_v2",
                                              "typicality": "typicality"}
+# K each score is calibrated, and served by default, with: the importance-weighted ones need samples; the
+# typicality score measured the same at K = 16 as at K = 1, so it costs one pass, as the ELBO does.
+CALIBRATED_SAMPLES: dict[ScoreName, int] = {"elbo": 1, "iwae": 64, "complexity": 64, "typicality": 1}
 
 
 def score_asked(score: ScoreName | None, samples: int | None, default: ScoreName = "elbo") -> ScoreName:

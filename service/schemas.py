@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from service.manifest import NAME_PATTERN
+from service.manifest import NAME_PATTERN, ScoreName
 
 ARRAY_FIELDS = ("inputs", "latents", "start", "end", "start_latent", "end_latent")
 Row = Annotated[list[float], Field(min_length=1)]
@@ -124,7 +124,7 @@ class InterpolateRequest(InterpolateParams):
 
 
 class AnomalyParams(Common, PictureFields):
-    score: Literal["elbo", "iwae", "complexity", "typicality"] | None = Field(
+    score: ScoreName | None = Field(
         None, description="elbo: negative ELBO (nats); iwae: importance-weighted -log p(x) (nats); complexity "
                           "(Bernoulli image models): -log2 p(x) minus half the compressed length of the image's "
                           "shape, bits, robust to simple out-of-distribution inputs; typicality (image models "

@@ -11,13 +11,11 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import erfcx, log_ndtr
 
-if TYPE_CHECKING:
-    from service.manifest import Typicality
+from service.manifest import CURRENT_FORMULA, Typicality
 
 LOG_2PI = math.log(2.0 * math.pi)
 LN2 = math.log(2.0)
@@ -159,9 +157,8 @@ def typicality_statistics(x: np.ndarray, output: np.ndarray, reconstruction: np.
     the Euclidean distance from x to the decoder's output averaged over the K samples (LPath's
     reconstruction distance: unlike the likelihood it does not reward dark, simple images)."""
     n = x.shape[0]
-    k = output.shape[0] // max(n, 1)
-    diff = np.repeat(x, k, axis=0).astype(np.float64) - output
-    distance = np.sqrt(np.einsum("ij,ij->i", diff, diff)).reshape(n, k).mean(axis=1)
+    diff = output.reshape(n, -1, x.shape[1]) - x[:, None, :].astype(np.float64)  # [N, K, D], no repeated copy of x
+    distance = np.sqrt(np.einsum("nkd,nkd->nk", diff, diff)).mean(axis=1)
     values = np.stack([reconstruction, kl, distance], axis=1)
     return np.log1p(np.maximum(values, 0.0)), np.log1p(np.maximum(reconstruction + kl, 0.0))
 
@@ -198,7 +195,7 @@ def served_score(score: str, x: np.ndarray, mean: np.ndarray, logvar: np.ndarray
       (Serra et al. 2020), so inputs that are merely simple (blank, constant) no longer look the most normal.
     typicality: `typicality` against the model's `reference` (fitted on its training rows at export), nats.
     """
-    if score not in ("elbo", "iwae", "complexity", "typicality"):
+    if score not in CURRENT_FORMULA:
         raise ValueError(f"unknown score {score!r}")
     # Overflow is expected far from the data (service/__init__.py quiets numpy's warning); see _finite.
     iw, reconstruction, kl = (_finite(a) for a in scores(x, mean, logvar, eps, output, likelihood, decoder_logvar))

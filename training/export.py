@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.manifest import (
+    CALIBRATED_SAMPLES,
     CURRENT_FORMULA,
     DECODER_ONNX,
     DECODER_TS,
@@ -57,8 +58,7 @@ PARITY_BATCHES = (1, 64)
 CALIBRATION_LEVELS = np.linspace(0.0, 1.0, 201)
 CALIBRATION_SEED = 0
 THRESHOLD_LEVEL = 0.99
-IWAE_SAMPLES = 64  # K for the importance-weighted and complexity scores, as calibrated and served by default
-TYPICALITY_SAMPLES = 1  # K for the typicality score: one pass, as cheap as the ELBO (K = 16 measured the same)
+TYPICALITY_SAMPLES = CALIBRATED_SAMPLES["typicality"]
 TYPICALITY_ROWS = 10_000  # training rows its reference is fitted on
 ONNX_OPSET = 18
 
@@ -201,12 +201,11 @@ def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray
     """The default score's calibration, every other score this model serves, and (image models, given
     training rows `x_fit`) the typicality score's reference."""
     say = report or (lambda _: None)
-    scores_: list[tuple[ScoreName, int]] = [("iwae", IWAE_SAMPLES)]
     image_model = supports_complexity(model.cfg.likelihood, list(model.cfg.input_shape))
-    if image_model:
-        scores_.append(("complexity", IWAE_SAMPLES))
-    others = {}
-    for score, k in scores_:
+    others: dict[ScoreName, Calibration] = {}
+    names: tuple[ScoreName, ...] = ("iwae", "complexity") if image_model else ("iwae",)
+    for score in names:
+        k = CALIBRATED_SAMPLES[score]
         say(f"calibrating the {score} score on {len(x_val)} held-out rows (K={k})")
         others[score] = calibrate(folder, model, x_val, score, k, y_val)
     reference = None

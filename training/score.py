@@ -24,7 +24,7 @@ from typing import Any, get_args
 import numpy as np
 from tqdm import tqdm
 
-from service.manifest import ScoreName, score_asked
+from service.manifest import CALIBRATED_SAMPLES, ScoreName, score_asked
 from training.data import DataError, align_columns, check_finite, column_list, read_csv_table
 
 
@@ -58,7 +58,7 @@ def read_rows(path: Path, id_column: str | None, ignore: tuple[str, ...] = (), h
     return x.astype(np.float32), ids, names
 
 
-def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: str,
+def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: ScoreName | None,
                  samples: int | None, api_key: str | None, progress: bool, ca: Path | None = None,
                  cert: Path | None = None, key: Path | None = None, explain: int = 0,
                  columns: list[str] | None = None, source: str = "the input") -> dict[str, Any]:
@@ -68,7 +68,7 @@ def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | N
                 key=key) as client:
         limits = client.models()["limits"]
         x = align_columns(x, columns, client.metadata().get("feature_names") if columns else None, source)
-        k = samples or (64 if score in ("iwae", "complexity") else 1)
+        k = samples or (CALIBRATED_SAMPLES[score] if score else 1)  # a model's default score is at K = 1
         chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
         parts = []
         names: list[str] | None = None
