@@ -19,7 +19,7 @@ from prometheus_client import multiprocess as prom_multiprocess
 from starlette.responses import HTMLResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from service import v2
+from service import triton, v2
 from service.auth import DOC_ASSETS, KeyRing, needs_key, presented_key
 from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
@@ -184,6 +184,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
         log.info("API keys on: %d key(s) from %s", len(app.keys), settings.api_keys_file)
     install_handlers(app, settings.retry_after)
     app.include_router(router)
+    app.include_router(triton.router)  # first: /v2/models/stats before v2's /v2/models/{name}
     app.include_router(v2.router)
     app.direct = dict(ARRAY_ENDPOINTS)
 

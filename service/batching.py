@@ -4,6 +4,8 @@ It knows nothing about HTTP or models: it is handed `fn(stacked_rows) -> list of
 off the event loop, and gives each caller exactly its own rows back. When the function is idle a
 call starts at once; calls that arrive while a batch runs form the next batch (optionally after
 waiting `max_delay_s` from the first queued call to fill it). Batch size counts rows, not calls.
+Whoever is awaiting a call can hear how its batch went through the `PASS_OBSERVER` context variable
+(the service's per-request statistics do), without the batcher knowing who listens.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import itertools
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -55,10 +59,27 @@ class BatcherMetrics(Protocol):
     def rows(self) -> _Incrementer: ...
 
 
+class PassObserver(Protocol):
+    """Hears, on the event loop, how each forward pass that served one caller's rows went."""
+
+    def waited(self, seconds: float, rows: int) -> None:
+        """The caller's `rows` waited `seconds` in the queue before their pass started."""
+
+    def ran(self, batch: int, rows: int, stack_s: float, infer_s: float, split_s: float) -> None:
+        """Pass number `batch` (unique per process) of `rows` rows in all succeeded: seconds stacking its
+        inputs, running fn, splitting its outputs."""
+
+
+# Set by a caller (per asyncio task) to hear of its passes; calls made while it is None cost nothing more.
+PASS_OBSERVER: ContextVar[PassObserver | None] = ContextVar("vae_pass_observer", default=None)
+_BATCH_NUMBERS = itertools.count()
+
+
 @dataclass(slots=True)
 class _Item:
     rows: np.ndarray  # [n, D]
     future: asyncio.Future[list[np.ndarray]]
+    observer: PassObserver | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -94,7 +115,7 @@ class Batcher:
             raise QueueFull(f"{self.name}: {self._queued_rows} rows are queued (limit {self.max_queue_rows}); "
                             "retry later")
         loop = asyncio.get_running_loop()
-        item = _Item(rows, loop.create_future())
+        item = _Item(rows, loop.create_future(), PASS_OBSERVER.get())
         self._queue.append(item)
         self._queued_rows += n
         self._depth_changed()
@@ -144,29 +165,32 @@ class Batcher:
             return
         self._running = True
         now = time.monotonic()
-        if self.metrics is not None:
-            for item in items:
+        for item in items:
+            if self.metrics is not None:
                 self.metrics.queue_wait.observe(now - item.enqueued)
+            if item.observer is not None:
+                item.observer.waited(now - item.enqueued, len(item.rows))
         # The worker thread hands the outcome straight back with call_soon_threadsafe: one loop pass,
         # where run_in_executor's wrapping asyncio future cost another (and an object per batch).
         done = self.executor.submit(self._run, [item.rows for item in items])
         done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._finish, loop, items, outcome))
 
-    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float]:
-        """In the executor thread: stack, run, check the batch kept its rows."""
-        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float, float]:
+        """In the executor thread: stack, run, check the batch kept its rows; (outputs, stack s, run s)."""
         start = time.perf_counter()
+        x = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        stacked = time.perf_counter()
         outputs = self.fn(x)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - stacked
         for out in outputs:
             if len(out) != len(x):
                 raise BatchFailed(f"{self.name}: {len(x)} rows in, {len(out)} rows out")
-        return outputs, seconds
+        return outputs, stacked - start, seconds
 
     def _finish(self, loop: asyncio.AbstractEventLoop, items: list[_Item],
-                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float]]) -> None:
+                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float, float]]) -> None:
         try:
-            outputs, seconds = done.result()
+            outputs, stack_s, seconds = done.result()
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch must hear of it
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(f"{self.name}: {type(exc).__name__}: {exc}")
             for item in items:
@@ -178,12 +202,19 @@ class Batcher:
                 self.metrics.batch_size.observe(total)
                 self.metrics.inference.observe(seconds)
                 self.metrics.rows.inc(total)
+            split_start = time.perf_counter()
             start = 0
             for item in items:
                 stop = start + len(item.rows)
                 if not item.future.done():
                     item.future.set_result([out[start:stop] for out in outputs])
                 start = stop
+            observers = [item.observer for item in items if item.observer is not None]
+            if observers:
+                split_s = time.perf_counter() - split_start
+                batch = next(_BATCH_NUMBERS)
+                for observer in observers:
+                    observer.ran(batch, total, stack_s, seconds, split_s)
         if self._queue:
             self._schedule(loop)
             if self._timer is not None:

@@ -13,6 +13,7 @@ from service.errors import NotReady
 from service.metrics import Metrics
 from service.repository import Repository
 from service.settings import Settings
+from service.statistics import Statistics
 
 
 @dataclass
@@ -22,6 +23,7 @@ class AppState:
     repository: Repository | None = None
     load_error: str | None = None
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    statistics: Statistics = field(default_factory=Statistics)
 
     async def loaded_repository(self) -> Repository:
         """The repository, once loading has finished: a request arriving during warm-up waits for

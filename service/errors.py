@@ -58,6 +58,12 @@ class MalformedBody(ServiceError):
     status, code = 400, "malformed_body"
 
 
+class NotAllowed(ServiceError):
+    """A request this server refuses by design (Triton's explicit load/unload, which it answers 400 in poll mode)."""
+
+    status, code = 400, "not_allowed"
+
+
 class PayloadTooLarge(ServiceError):
     status, code = 413, "payload_too_large"
 

@@ -18,11 +18,13 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 from service import codec, pictures
+from service.batching import PASS_OBSERVER
 from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.operations import Operation, Payload
 from service.schemas import ARRAY_FIELDS, PictureFields
+from service.statistics import RequestTiming
 
 P = TypeVar("P", bound=BaseModel)
 
@@ -86,8 +88,11 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
 
 async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Callable[[], Awaitable[Call]],
                  render: Callable[[Call, Payload], Response]) -> Response:
-    """Parse, run and render one request within VAE_REQUEST_TIMEOUT; count and time it."""
-    start = time.perf_counter()
+    """Parse, run and render one request within VAE_REQUEST_TIMEOUT; count and time it (Prometheus,
+    and Triton's statistics, whose timing its forward passes hear of through PASS_OBSERVER)."""
+    timing = RequestTiming()
+    observing = PASS_OBSERVER.set(timing)
+    start = timing.start
     labels = ("-", "-")
     status = 500
     try:
@@ -95,6 +100,8 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
             async with asyncio.timeout(state.settings.request_timeout):
                 call = await parse_call()
                 labels = (call.model.name, str(call.model.version))
+                timing.parsed = time.perf_counter()
+                timing.stats = state.statistics.entry(call.model.name, call.model.version, op.name)
                 payload = await op.run(call, state)
                 # A picture (up to VAE_MAX_PICTURE_PIXELS) is drawn and compressed in a worker thread, where
                 # Pillow's encoder lets go of the GIL; every other answer is built here, bounded by the row limits.
@@ -108,6 +115,8 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
         status = status_of(exc)
         raise
     finally:
+        PASS_OBSERVER.reset(observing)
+        state.statistics.finished(timing, op.name, status == 200)
         state.metrics.record_request(labels, endpoint, status, time.perf_counter() - start)
 
 

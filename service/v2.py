@@ -33,7 +33,9 @@ from service.repository import LoadedModel
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
-SERVER = {"name": "vaeserve", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+# binary_tensor_data here; the rest in triton.py.
+SERVER = {"name": "vaeserve", "version": "0.1.0",
+          "extensions": ["binary_tensor_data", "model_configuration", "model_repository", "statistics"]}
 HEADER_LENGTH = "inference-header-content-length"
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
 # Request parameters that belong to the protocol (tritonclient sends them), not to the operation.

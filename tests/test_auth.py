@@ -29,6 +29,9 @@ INFERENCE = [  # every inference path: native JSON, native .npy, v2, admin
     ("POST", "/v2/models/digits.encode/infer",
      {"json": {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32", "data": ROW[0]}]}}),
     ("GET", "/v2/models/digits.encode", {}),
+    ("GET", "/v2/models/digits.encode/config", {}),  # Triton's extensions
+    ("POST", "/v2/repository/index", {}),
+    ("GET", "/v2/models/stats", {}),
     ("GET", "/models", {}),
     ("GET", "/models/digits", {}),
     ("POST", "/admin/reload", {}),
@@ -69,7 +72,7 @@ async def test_every_inference_path_needs_a_key(keys_file):
             assert (await client.get(path)).status_code == 200, path
         text = (await client.get("/metrics")).text
     assert metric(text, "vae_requests_total", endpoint="encode", status="401") == 10
-    assert metric(text, "vae_requests_total", endpoint="v2", status="401") == 10
+    assert metric(text, "vae_requests_total", endpoint="v2", status="401") == 25
     assert metric(text, "vae_requests_total", endpoint="admin", status="401") == 5
     assert metric(text, "vae_requests_total", endpoint="encode", status="200") == 6
 

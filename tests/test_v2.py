@@ -65,7 +65,8 @@ def test_health_and_metadata_through_tritonclient(triton):
     assert all(o["shape"] == [-1, 8] and o["datatype"] == "FP32" for o in meta["outputs"])
     scores = triton.get_model_metadata("digits.anomaly-score", "1")
     assert {o["name"]: o["datatype"] for o in scores["outputs"]}["is_anomaly"] == "BOOL"
-    assert triton.get_server_metadata()["extensions"] == ["binary_tensor_data"]
+    assert triton.get_server_metadata()["extensions"] == ["binary_tensor_data", "model_configuration",
+                                                          "model_repository", "statistics"]
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
