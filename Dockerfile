@@ -49,10 +49,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     VAE_HOST=0.0.0.0 \
     VAE_PORT=8000 \
+    VAE_GRPC_PORT=8001 \
     VAE_MODEL_DIR=/srv/models
 WORKDIR /srv
 USER 10001:10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-m", "service.healthcheck"]
 # uvicorn finishes in-flight requests on SIGTERM (up to 30 s) before it exits.

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench system-tools
+.PHONY: setup run test lint bench system-tools protos
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ system-tools:
 
 test: setup system-tools
 	$(BIN)/python -m pytest
+
+# The gRPC messages: service/protos/*.proto compiled into the descriptor set the service loads
+# (tests/test_grpc.py fails when it is out of date).
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -Iservice/protos --include_imports \
+		--descriptor_set_out=service/protos/inference.binpb \
+		service/protos/open_inference_grpc.proto service/protos/triton_extensions.proto
 
 lint: setup
 	$(BIN)/ruff check training service bench vaeclient tests

@@ -31,13 +31,16 @@ class Server:
         self.proc: subprocess.Popen[bytes] | None = None
         self.verify = verify
         self.log: BinaryIO | None = None
+        self.grpc_address: str | None = None  # host:port of its gRPC face, when this process started it
         if url is not None:
             self.url = url.rstrip("/")
             return
         port = free_port()
+        self.grpc_port = free_port()
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.url = f"{'https' if (env or {}).get('VAE_TLS_CERT') else 'http'}://127.0.0.1:{port}"
         environ = {**os.environ, "VAE_PORT": str(port), "VAE_HOST": "127.0.0.1", "VAE_LOG_LEVEL": "warning",
-                   "VAE_DEFAULT_MODEL": default_model, **(env or {})}
+                   "VAE_DEFAULT_MODEL": default_model, "VAE_GRPC_PORT": str(self.grpc_port), **(env or {})}
         if model_dir is not None:
             environ["VAE_MODEL_DIR"] = str(model_dir)
         self.log_path = log

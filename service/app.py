@@ -23,6 +23,7 @@ from service import triton, v2
 from service.auth import DOC_ASSETS, KeyRing, needs_key, presented_key
 from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
+from service.grpc_api import GrpcServer
 from service.metrics import Metrics, multiprocess_dir
 from service.repository import Repository
 from service.routes import ARRAY_ENDPOINTS, Endpoint, router
@@ -132,6 +133,9 @@ def create_app(settings: Settings | None = None) -> VAEApp:
         # different networks never contend for the same cores.
         executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="vae-inference")
         repository = Repository(settings, state.metrics, executor)
+        grpc_server = GrpcServer(state, app.keys) if settings.grpc_port else None  # type: ignore[attr-defined]
+        if grpc_server is not None:
+            await grpc_server.start()
 
         async def load() -> None:
             try:
@@ -147,6 +151,8 @@ def create_app(settings: Settings | None = None) -> VAEApp:
             # torch imported) and shows up as a latency spike under load.
             gc.collect()
             gc.freeze()
+            if grpc_server is not None:
+                await grpc_server.serving(repository.default_loaded)
             if not repository.default_loaded:
                 loaded = ", ".join(sorted(repository.models)) or "none"
                 log.error("the default model %r (VAE_DEFAULT_MODEL) is not loaded, so /health/ready answers 503 "
@@ -160,6 +166,8 @@ def create_app(settings: Settings | None = None) -> VAEApp:
                 await asyncio.sleep(settings.reload_interval)
                 try:
                     await state.repository.reload()
+                    if grpc_server is not None:
+                        await grpc_server.serving(state.repository.default_loaded)
                 except Exception:  # noqa: BLE001 - a failed look must not end the watching
                     log.exception("looking for model changes failed")
 
@@ -171,6 +179,8 @@ def create_app(settings: Settings | None = None) -> VAEApp:
             loading.cancel()
             if watching is not None:
                 watching.cancel()
+            if grpc_server is not None:  # HTTP has drained; gRPC's in-flight calls get as long as a request may take
+                await grpc_server.stop(settings.request_timeout)
             executor.shutdown(wait=True, cancel_futures=False)
             if multiprocess_dir() is not None:
                 prom_multiprocess.mark_process_dead(os.getpid())

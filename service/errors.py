@@ -175,6 +175,28 @@ def response_for(exc: Exception, retry_after: int, *, v2: bool = False) -> Respo
     return error_response(500, "internal_error", f"internal error: {type(exc).__name__}", v2=v2)
 
 
+# HTTP status -> gRPC status code name, for the gRPC face (grpc_api.py); 503 splits by cause below.
+GRPC_CODES = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 404: "NOT_FOUND", 406: "INVALID_ARGUMENT",
+              413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 422: "INVALID_ARGUMENT", 499: "CANCELLED",
+              500: "INTERNAL", 504: "DEADLINE_EXCEEDED"}
+
+
+def grpc_error(exc: Exception) -> tuple[str, str, bool]:
+    """(gRPC status code name, message, whether to retry later) for an exception: the same mapping as
+    `response_for`, in gRPC's terms. Overload is RESOURCE_EXHAUSTED (retry), loading UNAVAILABLE (retry)."""
+    if isinstance(exc, QueueFull | Overloaded):
+        return "RESOURCE_EXHAUSTED", str(exc), True
+    if isinstance(exc, NotReady):
+        return "UNAVAILABLE", exc.message, True
+    if isinstance(exc, ServiceError):
+        return GRPC_CODES.get(exc.status, "INTERNAL"), exc.message, False
+    if isinstance(exc, BatchFailed):
+        log.error("inference batch failed: %s", exc)
+        return "INTERNAL", str(exc), False
+    log.error("unhandled error", exc_info=exc)
+    return "INTERNAL", f"internal error: {type(exc).__name__}", False
+
+
 def install_handlers(app: FastAPI, retry_after: int) -> None:
     """Route every exception FastAPI sees through `response_for`."""
 

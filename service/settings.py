@@ -17,6 +17,7 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(8001, ge=0, le=65535, description="the Open Inference Protocol over gRPC; 0 = off")
     model_dir: Path = Path("models")
     default_model: str = "digits"
     runtime: Literal["auto", "onnx", "torchscript"] = "auto"

@@ -24,7 +24,7 @@ from service.deps import AppState, State
 from service.errors import InvalidInput, NotAllowed
 from service.operations import OPERATIONS, Operation
 from service.pipeline import read_body
-from service.repository import LoadedModel
+from service.repository import LoadedModel, Repository
 from service.settings import Settings
 from service.statistics import BATCHED_OPERATIONS
 from service.v2 import INPUTS, OUTPUTS, parse_version, split_name
@@ -124,12 +124,8 @@ async def config_version(name: str, version: str, state: State) -> Response:
     return _json(model_config(model, op, state.settings))
 
 
-@router.post("/repository/index", summary="Every v2 model version in the repository, loaded or refused, and its state")
-async def repository_index(request: Request, state: State) -> Response:
-    ready = codec.parse_json(await read_body(request, state)).get("ready", False)
-    if not isinstance(ready, bool):
-        raise InvalidInput(f"ready must be true or false, got {ready!r}", field="ready")
-    repo = await state.loaded_repository()
+def index_entries(repo: Repository, ready: bool) -> list[dict[str, str]]:
+    """Every v2 model version: READY, or (unless `ready`) UNAVAILABLE with the reason it was refused."""
     entries = [{"name": f"{name}.{op}", "version": str(version), "state": "READY", "reason": ""}
                for name, versions in sorted(repo.models.items()) for version in sorted(versions) for op in OPERATIONS]
     if not ready:
@@ -138,7 +134,15 @@ async def repository_index(request: Request, state: State) -> Response:
             entries += [{"name": f"{name}.{op}", "version": version, "state": "UNAVAILABLE", "reason": reason}
                         for op in OPERATIONS]
         entries.sort(key=lambda e: (e["name"], int(e["version"])))
-    return _json(entries)
+    return entries
+
+
+@router.post("/repository/index", summary="Every v2 model version in the repository, loaded or refused, and its state")
+async def repository_index(request: Request, state: State) -> Response:
+    ready = codec.parse_json(await read_body(request, state)).get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"ready must be true or false, got {ready!r}", field="ready")
+    return _json(index_entries(await state.loaded_repository(), ready))
 
 
 def _no_explicit_control(action: str) -> NotAllowed:

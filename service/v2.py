@@ -211,7 +211,7 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     return request, params
 
 
-def _arrays(request: InferRequest, op: Operation) -> dict[str, Any]:
+def tensor_fields(request: InferRequest, op: Operation) -> dict[str, Any]:
     """The v2 tensors as the native fields the operation reads."""
     tensors = request.tensors
     if op.name == "interpolate":
@@ -283,7 +283,7 @@ async def infer(request: Request, state: AppState, name: str, version: str | Non
         parsed.append(infer_request)
         validated = validate_params(op.params, {**params, "model": model_name, "version": number}, strict=True)
         model = repository.get(model_name, number)
-        return Call(params=validated, model=model, arrays=_arrays(infer_request, op), npy=None,
+        return Call(params=validated, model=model, arrays=tensor_fields(infer_request, op), npy=None,
                     settings=state.settings, maybe_bools=False, gone=request.is_disconnected)
 
     return await handle(state, f"v2/{op.name}", op, parse_call,

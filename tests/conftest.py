@@ -29,3 +29,14 @@ def tiny_model(tiny_repo: Path) -> Path:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def shipped_server():
+    """`python -m service` on the shipped models (digits the default), one per test module."""
+    from bench.server import Server
+    from tests.service_helpers import DEFAULT_MODEL
+
+    s = Server(model_dir=DEFAULT_MODEL.parents[1])
+    yield s
+    s.stop()

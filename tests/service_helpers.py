@@ -28,7 +28,7 @@ DEFAULT_MODEL = REPO / "models" / "digits" / "1"
 @asynccontextmanager
 async def serving(model_dir: Path, **overrides: Any) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The app with its lifespan running and its models loaded, and a client talking to it in-process."""
-    app = create_app(Settings(model_dir=model_dir, **overrides))
+    app = create_app(Settings(model_dir=model_dir, **{"grpc_port": 0, **overrides}))  # gRPC only when asked
     async with app.router.lifespan_context(app):
         state = app.state.vae
         for _ in range(600):

@@ -59,8 +59,9 @@ def test_dockerfile_is_multi_stage_slim_and_non_root():
 def test_dockerfile_ports_and_health_agree_with_the_service():
     env = " ".join(instructions("ENV"))
     port = int(re.search(r"VAE_PORT=(\d+)", env).group(1))
-    assert port == Settings().port
-    assert instructions("EXPOSE") == [str(port)]
+    grpc_port = int(re.search(r"VAE_GRPC_PORT=(\d+)", env).group(1))
+    assert (port, grpc_port) == (Settings().port, Settings().grpc_port)
+    assert instructions("EXPOSE") == [f"{port} {grpc_port}"]
     assert "VAE_HOST=0.0.0.0" in env and "VAE_MODEL_DIR=/srv/models" in env
     assert "service.healthcheck" in DOCKERFILE.split("HEALTHCHECK", 1)[1]
 
@@ -126,6 +127,7 @@ def test_compose_service_agrees_with_the_settings():
     settings = Settings()
     host_port, container_port = svc["ports"][0].split(":")
     assert int(container_port) == int(svc["environment"]["VAE_PORT"]) == settings.port
+    assert svc["ports"][1].split(":")[1] == svc["environment"]["VAE_GRPC_PORT"] == str(settings.grpc_port)
     assert svc["volumes"][0] == f"./models:{svc['environment']['VAE_MODEL_DIR']}:ro"
     keys_mount = svc["volumes"][1].split(":")[1]
     assert svc["environment"]["VAE_API_KEYS_FILE"] == "${VAE_API_KEYS_FILE:-}"  # off unless the user sets it

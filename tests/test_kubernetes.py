@@ -147,9 +147,9 @@ def test_deployment_agrees_with_the_service(build):
     assert all(name.startswith("VAE_") and name[4:].lower() in Settings.model_fields for name in env)
     settings = Settings(**{k[4:].lower(): v for k, v in env.items()})  # every value is a valid setting
     assert settings.workers == 1  # batching is per process: scale with replicas
-    (port,) = container["ports"]
-    assert port["containerPort"] == settings.port and port["name"] == "http"
-    assert service["spec"]["ports"][0]["targetPort"] == "http"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": settings.port, "grpc": settings.grpc_port}
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "http", "grpc": "grpc"}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert set(deployment["spec"]["selector"]["matchLabels"].items()) <= set(pod["metadata"]["labels"].items())
     probed = {}
@@ -158,6 +158,9 @@ def test_deployment_agrees_with_the_service(build):
             command = container[probe]["exec"]["command"]
             assert command[:3] == ["python3", "-m", "service.healthcheck"], probe
             probed[probe] = {"ready": READY_PATH, "live": LIVE_PATH}[command[3]]
+        elif "grpc" in container[probe]:  # grpc.health.v1: SERVING once the default model is loaded
+            assert container[probe]["grpc"]["port"] == settings.grpc_port and settings.tls_cert is None, probe
+            probed[probe] = "/health/ready"
         else:
             get = container[probe]["httpGet"]
             assert get["port"] == "http" and get.get("scheme", "HTTP") == settings.scheme.upper(), probe

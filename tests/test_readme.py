@@ -42,13 +42,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def test_every_example_runs_as_written(server, tmp_path):
-    tour, second = tmp_path / "vae-tour", free_port()
+    tour, second, second_grpc = tmp_path / "vae-tour", free_port(), free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "VAE_LOG_LEVEL": "warning", "VAE_RELOAD_INTERVAL": "0"}
     for lang, code, line in RUN:
         code = (code.replace("/tmp/vae-tour", str(tour)).replace("localhost:8000", f"127.0.0.1:{server.port}")
-                .replace("127.0.0.1:8000", f"127.0.0.1:{server.port}").replace("localhost:8001", f"127.0.0.1:{second}")
-                .replace("--port 8001", f"--port {second}").replace(".venv/bin/", f"{Path(sys.executable).parent}/"))
+                .replace("127.0.0.1:8000", f"127.0.0.1:{server.port}")
+                .replace("localhost:8002", f"127.0.0.1:{second}").replace("--port 8002", f"--port {second}")
+                .replace("VAE_GRPC_PORT=8003", f"VAE_GRPC_PORT={second_grpc}")
+                .replace("127.0.0.1:8001", str(server.grpc_address))
+                .replace(".venv/bin/", f"{Path(sys.executable).parent}/"))
         command = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"README line {line} ({lang}) failed:\n{code}\n--- stdout\n{done.stdout[-2000:]}" \

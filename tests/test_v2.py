@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import io
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -32,10 +31,8 @@ OPS = {  # v2 operation -> (v2 inputs, v2 parameters, the native body)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    s = Server(model_dir=DEFAULT_MODEL.parents[1])
-    yield s
-    s.stop()
+def server(shipped_server: Server) -> Server:
+    return shipped_server
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +46,17 @@ def native(server: Server, op: str, body: dict) -> dict[str, np.ndarray]:
     r = httpx.post(f"{server.url}/{op}", json=body, headers={"Accept": "application/x-npz"})
     assert r.status_code == 200, r.text
     return dict(np.load(io.BytesIO(r.content)))
+
+
+def assert_same_outputs(result, expected: dict[str, np.ndarray], names: list[str]) -> None:
+    """A tritonclient result (HTTP or gRPC) holds the native answer's arrays, to float32 precision."""
+    for name in names:
+        got = result.as_numpy(name)
+        assert got.shape == expected[name].shape, name
+        if got.dtype == np.bool_:
+            np.testing.assert_array_equal(got, expected[name])
+        else:
+            np.testing.assert_allclose(got, expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 def test_health_and_metadata_through_tritonclient(triton):
@@ -84,13 +92,7 @@ def test_every_operation_matches_the_native_api(server, triton, op, binary):
     result = triton.infer(f"digits.{op}", inputs, outputs=outputs, parameters=parameters or None)
     response = result.get_response()
     assert response["model_name"] == f"digits.{op}" and response["model_version"] == "1"
-    for name in wanted:
-        got = result.as_numpy(name)
-        assert got.shape == expected[name].shape, name
-        if got.dtype == np.bool_:
-            np.testing.assert_array_equal(got, expected[name])
-        else:
-            np.testing.assert_allclose(got, expected[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    assert_same_outputs(result, expected, wanted)
     if "seed" in expected:
         assert response["parameters"]["seed"] == int(expected["seed"])
 
