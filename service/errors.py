@@ -137,14 +137,20 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     return message, field
 
 
-def status_of(exc: BaseException) -> int:
+# On the Open Inference Protocol's paths a request the server cannot serve as asked (invalid input,
+# an unknown model, version or operation) answers 400, the one error status the protocol's OpenAPI
+# document gives and what Triton answers; the native API keeps 422 and 404.
+V2_AS_BAD_REQUEST = frozenset({404, 422})
+
+
+def status_of(exc: BaseException, *, v2: bool = False) -> int:
     """The HTTP status an exception maps to (what `response_for` answers)."""
     if isinstance(exc, ServiceError):
-        return exc.status
+        return 400 if v2 and exc.status in V2_AS_BAD_REQUEST else exc.status
     if isinstance(exc, QueueFull):
         return 503
     if isinstance(exc, RequestValidationError):
-        return 422
+        return 400 if v2 else 422
     if isinstance(exc, StarletteHTTPException):
         return exc.status_code
     return 500
@@ -159,7 +165,7 @@ def response_for(exc: Exception, retry_after: int, *, v2: bool = False) -> Respo
         headers = dict(exc.headers)
         if exc.status == 503:
             headers.setdefault("Retry-After", str(retry_after))
-        return error_response(exc.status, exc.code, exc.message, exc.field, headers, v2=v2)
+        return error_response(status_of(exc, v2=v2), exc.code, exc.message, exc.field, headers, v2=v2)
     if isinstance(exc, QueueFull):
         return error_response(503, Overloaded.code, str(exc), headers={"Retry-After": str(retry_after)}, v2=v2)
     if isinstance(exc, BatchFailed):
@@ -167,7 +173,7 @@ def response_for(exc: Exception, retry_after: int, *, v2: bool = False) -> Respo
         return error_response(500, InferenceFailed.code, str(exc), v2=v2)
     if isinstance(exc, RequestValidationError):
         message, field = validation_message(list(exc.errors()))
-        return error_response(422, InvalidInput.code, message, field, v2=v2)
+        return error_response(status_of(exc, v2=v2), InvalidInput.code, message, field, v2=v2)
     if isinstance(exc, StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {}), v2=v2)

@@ -112,7 +112,7 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
         status = 200
         return response
     except Exception as exc:
-        status = status_of(exc)
+        status = status_of(exc, v2=endpoint.startswith("v2"))
         raise
     finally:
         PASS_OBSERVER.reset(observing)

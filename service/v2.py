@@ -157,6 +157,9 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     """The request body -> its protocol parts and the operation's parameters (still unvalidated);
     `count` checks a large JSON header's values before it is parsed."""
     if header_length is None:
+        if not body.strip():
+            raise MalformedBody(f"the body is empty; {name} takes a JSON object with inputs (a list of tensors: "
+                                "name, datatype, shape, data)")
         header, binary = body, b""
     else:
         length = codec.ascii_int(header_length)
@@ -169,7 +172,8 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     try:
         doc = orjson.loads(header)
     except orjson.JSONDecodeError as e:
-        raise MalformedBody(f"malformed JSON in the inference header: {e}") from None
+        where = "body" if header_length is None else "inference header (its Inference-Header-Content-Length bytes)"
+        raise MalformedBody(f"malformed JSON in the {where}: {e}") from None
     doc = _dict(doc, "body")
     request = InferRequest(name=name, id=doc.get("id") if isinstance(doc.get("id"), str) else None)
     params = dict(_dict(doc.get("parameters") or {}, "parameters"))
@@ -296,6 +300,11 @@ def _json(body: Any) -> Response:
 
 @router.get("", summary="Server metadata")
 async def server_metadata() -> Response:
+    return _json(SERVER)
+
+
+@router.get("/", summary="Server metadata (the protocol's spelling, with the slash)")
+async def server_metadata_slash() -> Response:
     return _json(SERVER)
 
 

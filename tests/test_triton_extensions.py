@@ -105,7 +105,7 @@ async def test_the_index_lists_loaded_and_refused_versions_and_load_is_refused(r
     assert len(refused) == 6 and all(e["version"] == "2" and "manifest" in e["reason"] for e in refused)
     assert load.status_code == unload.status_code == 400
     assert "POST /admin/reload" in load.json()["error"]
-    assert bad.status_code == 422 and "ready must be true or false" in bad.json()["error"]
+    assert bad.status_code == 400 and "ready must be true or false" in bad.json()["error"]
 
 
 @pytest.mark.anyio

@@ -168,20 +168,20 @@ async def test_native_and_v2_requests_share_a_batch(repo):
 BAD = [  # (description, body, headers, status, message fragment)
     ("not json", b"{", {}, 400, "malformed JSON"),
     ("wrong datatype", {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "INT64", "data": [0] * 64}]},
-     {}, 422, "datatype 'INT64'"),
+     {}, 400, "datatype 'INT64'"),
     ("data and shape disagree", {"inputs": [{"name": "inputs", "shape": [2, 64], "datatype": "FP32",
-                                             "data": [0] * 64}]}, {}, 422, "needs 128"),
+                                             "data": [0] * 64}]}, {}, 400, "needs 128"),
     ("wrong row width", {"inputs": [{"name": "inputs", "shape": [1, 63], "datatype": "FP32", "data": [0] * 63}]},
-     {}, 422, "64 values"),
-    ("missing input", {"inputs": []}, {}, 422, "needs the input 'inputs'"),
+     {}, 400, "64 values"),
+    ("missing input", {"inputs": []}, {}, 400, "needs the input 'inputs'"),
     ("unknown input", {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}]},
-     {}, 422, "not an input of digits.encode"),
+     {}, 400, "not an input of digits.encode"),
     ("non-numbers", {"inputs": [{"name": "inputs", "shape": [1, 2], "datatype": "FP32", "data": ["a", 1]}]},
-     {}, 422, "not a number"),
+     {}, 400, "not a number"),
     ("unknown parameter", {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
-                           "parameters": {"nope": 1}}, {}, 422, "nope"),
+                           "parameters": {"nope": 1}}, {}, 400, "nope"),
     ("unknown output", {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32", "data": [0] * 64}],
-                        "outputs": [{"name": "score"}]}, {}, 422, "not an output"),
+                        "outputs": [{"name": "score"}]}, {}, 400, "not an output"),
     ("binary size disagrees with shape", {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32",
                                                       "parameters": {"binary_data_size": 100}}]},
      {"binary": b"\0" * 100}, 400, "takes 256 bytes"),
@@ -194,7 +194,7 @@ BAD = [  # (description, body, headers, status, message fragment)
     ("header length past the body", {"inputs": []}, {"length": "99999"}, 400, "Inference-Header-Content-Length"),
     ("NaN in binary", {"inputs": [{"name": "inputs", "shape": [1, 64], "datatype": "FP32",
                                    "parameters": {"binary_data_size": 256}}]},
-     {"binary": np.full(64, np.nan, dtype="<f4").tobytes()}, 422, "NaN"),
+     {"binary": np.full(64, np.nan, dtype="<f4").tobytes()}, 400, "NaN"),
 ]
 
 
@@ -213,19 +213,26 @@ async def test_bad_v2_requests_get_4xx_with_the_v2_error_body(repo):
             error = r.json()["error"]
             assert isinstance(error, str) and fragment in error, (description, error)
         for path, status, fragment in [
-            ("/v2/models/digits.fly/infer", 404, "<model>.<operation>"),
-            ("/v2/models/nope.encode/infer", 404, "'nope' is not loaded"),
-            ("/v2/models/digits.encode/versions/x/infer", 404, "not a positive integer"),
-            ("/v2/models/digits.encode/versions/7/infer", 404, "no version 7"),
+            ("/v2/models/digits.fly/infer", 400, "<model>.<operation>"),
+            ("/v2/models/nope.encode/infer", 400, "'nope' is not loaded"),
+            ("/v2/models/digits.encode/versions/x/infer", 400, "not a positive integer"),
+            ("/v2/models/digits.encode/versions/7/infer", 400, "no version 7"),
         ]:
             r = await client.post(path, json={"inputs": []})
             assert r.status_code == status and fragment in r.json()["error"], (path, r.text)
         r = await client.get("/v2/models/digits.fly")
-        assert r.status_code == 404 and "<model>.<operation>" in r.json()["error"]
+        assert r.status_code == 400 and "<model>.<operation>" in r.json()["error"]
         r = await client.post("/v2/models/digits.sample/infer", json={"inputs": [], "parameters": {"n": 0}})
-        assert r.status_code == 422 and "n" in r.json()["error"]
+        assert r.status_code == 400 and "n" in r.json()["error"]
+        r = await client.post("/v2/models/digits.encode/infer")  # no body, no inference header
+        assert r.status_code == 400 and r.json()["error"].startswith("the body is empty; digits.encode takes")
+        r = await client.post("/v2/models/digits.encode/infer", content=b"{")
+        assert "malformed JSON in the body" in r.json()["error"]
+        assert (await client.get("/v2/")).json() == (await client.get("/v2")).json()  # the spec's spelling, no 307
+        r = await client.post("/encode", json={"inputs": [[0] * 63]})
+        assert r.status_code == 422  # the native API keeps 422
         r = await client.post("/v2/models/digits.interpolate/infer",
                               json={"inputs": [{"name": "inputs", "shape": [3, 64], "datatype": "FP32",
                                                 "data": [0] * 192}]})
-        assert r.status_code == 422 and "2 rows" in r.json()["error"]
+        assert r.status_code == 400 and "2 rows" in r.json()["error"]
         assert (await client.get("/health/ready")).status_code == 200
