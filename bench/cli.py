@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from bench import peers as peer_servers
 from bench import raw as raw_limit
+from bench.grpc_load import run_grpc
 from bench.load import LoadError, run_wrk, wrk_path
 from bench.report import markdown, plot, targets
 from bench.server import Server
@@ -59,9 +60,14 @@ def measure_cells(server: Server, w: Workload, body: Path, *, model: str, second
     out = []
     for duration in seconds:
         before = server.batch_totals(w.network, model)
-        result = run_wrk(f"{server.url}{w.path.format(model=model)}", body, connections=w.connections,
-                         seconds=duration, rows_per_request=w.rows, content_type=w.content_type, accept=w.accept,
-                         headers=request_headers(body.read_bytes()))
+        if w.path.startswith("grpc:"):
+            assert server.grpc_address is not None, "measure_model skips the gRPC cells under --url"
+            result = run_grpc(server.grpc_address, body, connections=w.connections, seconds=duration,
+                              rows_per_request=w.rows)
+        else:
+            result = run_wrk(f"{server.url}{w.path.format(model=model)}", body, connections=w.connections,
+                             seconds=duration, rows_per_request=w.rows, content_type=w.content_type,
+                             accept=w.accept, headers=request_headers(body.read_bytes()))
         after = server.batch_totals(w.network, model)
         out.append({"result": result, "rows": after[0] - before[0], "batches": after[1] - before[1]})
     return out
@@ -111,6 +117,9 @@ def measure_model(run: dict[str, Any], model: str, repo: Path, bodies: dict[str,
             run_wrk(f"{server.url}/encode", bodies["row"], connections=16, seconds=warmup, rows_per_request=1)
         for w in WORKLOADS:
             body = bodies[w.body]
+            if w.path.startswith("grpc:") and on.grpc_address is None:  # --url: its gRPC port is not known
+                bar.update(1)
+                continue
             if off is None or w not in BATCHING_OFF:
                 bar.set_description(f"{model}: {w.label}")
                 parts = measure_cells(on, w, body, model=model, seconds=[duration])
@@ -216,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             run["raw"][model] = {rt: {str(b): v for b, v in r.items()} for rt, r in rates.items()}
         bar.update(1)
         for model in models:
-            measure_model(run, model, repo, write_bodies(work / model, rows[model]), args, duration, warmup, log, bar)
+            bodies = write_bodies(work / model, rows[model], model)
+            measure_model(run, model, repo, bodies, args, duration, warmup, log, bar)
         if neighbour:
             bar.set_description("digits encode beside heavy requests to the MNIST-sized model")
             measure_neighbour(run, repo, work / "digits" / "row.body", duration, warmup, log)

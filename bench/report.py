@@ -30,6 +30,7 @@ def targets(run: Result, model: str) -> list[Result]:
     off_c1 = cell(run, model, "encode 1 row c=1", "no_batching")
     bulk, npy = cell(run, model, "encode 64 rows JSON c=16"), cell(run, model, "encode 64 rows npy c=16")
     v2bin = cell(run, model, "encode 64 rows v2 binary c=16")
+    grpc64 = cell(run, model, "encode 64 rows gRPC c=16")
     ts64, fastapi1 = peer_cell(run, "torchserve-batch64", "c=64"), peer_cell(run, "fastapi-async", "c=1")
     triton_bulk = peer_cell(run, "pytriton-dynbatch64", "bulk")
     runtime = run.get("runtime", "onnx")
@@ -45,6 +46,8 @@ def targets(run: Result, model: str) -> list[Result]:
         (f"64 rows npy c=16 rows/s >= 50% of raw batch-64 ({runtime})", val(npy, "rows_per_s"),
          None if raw64 is None else 0.5 * raw64, None, "rows/s"),
         ("64 rows v2 binary c=16 rows/s >= 75% of npy's", val(v2bin, "rows_per_s"), val(npy, "rows_per_s", 0.75),
+         None, "rows/s"),
+        ("64 rows gRPC c=16 rows/s >= HTTP v2 binary's", val(grpc64, "rows_per_s"), val(v2bin, "rows_per_s"),
          None, "rows/s"),
     ]
     n = run.get("neighbour")
@@ -78,7 +81,7 @@ def markdown(run: Result) -> str:
     lines = [f"# vaeserve benchmark, {run['started']}", "",
              f"{run['machine']}; {run['duration_s']:g} s per cell after {run['warmup_s']:g} s warm-up; "
              f"device {run.get('device', 'cpu')}, service runtime {run.get('runtime')}, VAE_THREADS=1; "
-             "load generator: wrk.", ""]
+             "load generator: wrk (the gRPC cells: bench/grpc_load.py, Python).", ""]
     for variant, title in (("batching", "vaeserve"), ("no_batching", "vaeserve, batching off (VAE_MAX_BATCH_SIZE=1)")):
         for model, cells in run["service"].get(variant, {}).items():
             lines += [f"## {title}: {model}", "",

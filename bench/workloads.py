@@ -38,6 +38,9 @@ WORKLOADS = (
     Workload("encode 64 rows npy", "/encode", "npy64", 16, 64, "encoder", "application/x-npy", "application/x-npz"),
     Workload("encode 64 rows v2 binary", "/v2/models/{model}.encode/infer", "v2bin64", 16, 64, "encoder",
              "application/octet-stream"),
+    # The Open Inference Protocol over gRPC (ModelInfer, raw tensors both ways), beside its HTTP cells.
+    Workload("encode 1 row gRPC", "grpc:{model}.encode", "grpc1", 64, 1, "encoder"),
+    Workload("encode 64 rows gRPC", "grpc:{model}.encode", "grpc64", 16, 64, "encoder"),
     Workload("anomaly-score 1 row", "/anomaly-score", "row", 16, 1, "decoder"),
     Workload("sample 1", "/sample", "sample", 16, 1, "decoder"),
 )
@@ -68,7 +71,17 @@ def digits_row() -> list[float]:
     return [float(v) for v in load_digits().data[0]]
 
 
-def write_bodies(folder: Path, row: list[float]) -> dict[str, Path]:
+def grpc_body(model: str, rows: np.ndarray) -> bytes:
+    """A serialised ModelInferRequest for `<model>.encode`: the rows as raw little-endian FP32."""
+    from service.grpc_api import MESSAGES
+
+    request = MESSAGES["ModelInferRequest"](model_name=f"{model}.encode")
+    request.inputs.add(name="inputs", datatype="FP32", shape=list(rows.shape))
+    request.raw_input_contents.append(rows.astype("<f4").tobytes())
+    return request.SerializeToString()
+
+
+def write_bodies(folder: Path, row: list[float], model: str) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rows = [row] * 64
     buffer = io.BytesIO()
@@ -83,6 +96,8 @@ def write_bodies(folder: Path, row: list[float]) -> dict[str, Path]:
                                              "parameters": {"binary_data_size": array.nbytes}}],
                                  "parameters": {"binary_data_output": True}}) + array.tobytes(),
         "sample": orjson.dumps({"n": 1, "seed": 1}),
+        "grpc1": grpc_body(model, array[:1]),
+        "grpc64": grpc_body(model, array),
     }
     paths = {}
     for key, data in bodies.items():
