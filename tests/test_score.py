@@ -68,7 +68,7 @@ def test_bad_input_stops_with_a_clear_message(server, tiny_repo, tmp_path, capsy
                        "-o", str(tmp_path / "o.csv")]) == 2
     assert "no rows" in capsys.readouterr().err
     assert score_main([str(tmp_path / "narrow.npy"), "--url", server.url, "-o", str(tmp_path / "o.txt")]) == 2
-    assert "--output must end in .csv or .npy" in capsys.readouterr().err
+    assert "--output must end in .csv, .npy or .parquet" in capsys.readouterr().err
 
 
 def test_explain_through_the_service_equals_in_process(server, tiny_repo, tmp_path):

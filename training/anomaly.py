@@ -37,7 +37,7 @@ def read_labelled(path: Path, *, label_column: str | None = None, labels: Path |
             if not {"X", "y"} <= set(npz.files):
                 raise DataError(f"{path}: an .npz for anomaly evaluation holds X and y (has {npz.files})")
             x, y = npz["X"], npz["y"]
-    elif path.suffix == ".csv":
+    elif path.suffix in (".csv", ".parquet"):
         if label_column is None:
             raise DataError(f"{path}: name the label column (--label-column)")
         x, raw, names = read_csv_table(path, label_column, drop=drop, header=header)

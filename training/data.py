@@ -238,6 +238,10 @@ def read_csv_table(path: Path, label_column: str | None, *, drop: tuple[str, ...
     `label_column` and `drop` (ids, other columns to leave out) are kept out of the features. A first
     row of numbers is refused as a header unless `header` is False: then the columns are c0, c1, ...
     and matched by position."""
+    if path.suffix == ".parquet":  # a Parquet table reads the same way: columns by name
+        from training.columnar import read_parquet_table
+
+        return read_parquet_table(path, label_column, drop=drop)
     if _starts_with(path, NPY_MAGIC) or _starts_with(path, ZIP_MAGIC):
         raise DataError(f"{path} is a NumPy file, not a CSV; for a table saved with np.save use --dataset npy")
     try:

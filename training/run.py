@@ -96,7 +96,8 @@ def train_parser() -> argparse.ArgumentParser:
     )
     d = p.add_argument_group("data")
     d.add_argument("--dataset", choices=DATASETS, default="digits",
-                   help="digits: scikit-learn's embedded 8x8 digits; mnist: IDX files or .npz; csv/npy: your table")
+                   help="digits: scikit-learn's embedded 8x8 digits; mnist: IDX files or .npz; csv/npy: your table "
+                   "(csv: a .csv, or a .parquet by its suffix)")
     d.add_argument("--data", metavar="PATH", help="file or folder for mnist, csv and npy")
     d.add_argument("--label-column", help="CSV column kept out of the features (the labels of --conditional)")
     d.add_argument("--labels", metavar="FILE", help="labels for an .npy table: .npy, or text with one per line")

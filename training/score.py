@@ -28,6 +28,16 @@ from service.manifest import CALIBRATED_SAMPLES, ScoreName, score_asked
 from training.data import DataError, align_columns, check_finite, column_list, read_csv_table
 
 
+def read_csv_columns(path: Path, names: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+    """Some columns of a CSV with a header, as text, to carry through to the output."""
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        at = [header.index(n) for n in names]
+        values = [[record[i] for i in at] for record in reader if record]
+    return {n: np.asarray([v[j] for v in values]) for j, n in enumerate(names)}
+
+
 def read_rows(path: Path, id_column: str | None, ignore: tuple[str, ...] = (), header: bool = True
               ) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
     """(X float32 [N, D], ids or None, a CSV's column names) from a CSV with a header, an .npy, or an .npz
@@ -58,30 +68,43 @@ def read_rows(path: Path, id_column: str | None, ignore: tuple[str, ...] = (), h
     return x.astype(np.float32), ids, names
 
 
-def score_remote(x: np.ndarray, *, url: str, model: str | None, version: int | None, score: ScoreName | None,
-                 samples: int | None, api_key: str | None, progress: bool, ca: Path | None = None,
-                 cert: Path | None = None, key: Path | None = None, explain: int = 0,
-                 columns: list[str] | None = None, source: str = "the input") -> dict[str, Any]:
-    from vaeclient import Client
-    # Overload (503) is waited out; a URL that does not answer fails in about a second.
-    with Client(url, model=model, version=version, api_key=api_key, retries=20, connect_retries=3, ca=ca, cert=cert,
-                key=key) as client:
-        limits = client.models()["limits"]
-        x = align_columns(x, columns, client.metadata().get("feature_names") if columns else None, source)
+class RemoteScorer:
+    """Scores through a running service: rows go as chunks of its row limits (vaeclient waits out 503s
+    per Retry-After; a URL that does not answer fails in about a second)."""
+
+    def __init__(self, *, url: str, model: str | None, version: int | None, score: ScoreName | None,
+                 samples: int | None, api_key: str | None, ca: Path | None = None, cert: Path | None = None,
+                 key: Path | None = None, explain: int = 0):
+        from vaeclient import Client
+
+        self.client = Client(url, model=model, version=version, api_key=api_key, retries=20, connect_retries=3,
+                             ca=ca, cert=cert, key=key)
+        self.score, self.samples, self.explain = score, samples, explain
+        limits = self.client.models()["limits"]
         k = samples or (CALIBRATED_SAMPLES[score] if score else 1)  # a model's default score is at K = 1
-        chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
+        self.chunk = max(1, min(limits["max_rows"], limits["max_decode_rows"] // k))
+        self.feature_names: list[str] | None = self.client.metadata().get("feature_names")
+
+    def __call__(self, x: np.ndarray, columns: list[str] | None, source: str, progress: bool = False
+                 ) -> dict[str, Any]:
+        x = align_columns(x, columns, self.feature_names if columns else None, source)
         parts = []
         names: list[str] | None = None
-        for start in tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress or None):
-            r = client.anomaly_score(x[start : start + chunk], score=score, samples=samples, explain=explain > 0)
-            parts.append((r.score, r.percentile, r.is_anomaly, top_features(r.explanation, explain)))
+        for start in tqdm(range(0, len(x), self.chunk), desc="scoring", unit="chunk", disable=not progress or None):
+            r = self.client.anomaly_score(x[start : start + self.chunk], score=self.score, samples=self.samples,
+                                          explain=self.explain > 0)
+            parts.append((r.score, r.percentile, r.is_anomaly, top_features(r.explanation, self.explain)))
             names = r.feature_names
-    result: dict[str, Any] = {"score": np.concatenate([p[0] for p in parts]),
-                              "percentile": np.concatenate([p[1] for p in parts]),
-                              "is_anomaly": np.concatenate([p[2] for p in parts])}
-    if explain:
-        result["top"] = (np.concatenate([p[3][0] for p in parts]), np.concatenate([p[3][1] for p in parts]), names)
-    return result
+        result: dict[str, Any] = {"score": np.concatenate([p[0] for p in parts]),
+                                  "percentile": np.concatenate([p[1] for p in parts]),
+                                  "is_anomaly": np.concatenate([p[2] for p in parts])}
+        if self.explain:
+            result["top"] = (np.concatenate([p[3][0] for p in parts]), np.concatenate([p[3][1] for p in parts]),
+                             names)
+        return result
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def top_features(parts: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -93,67 +116,133 @@ def top_features(parts: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarr
     return index, np.take_along_axis(parts, index, axis=1)
 
 
-def score_local(x: np.ndarray, *, model_dir: Path, score: ScoreName | None, samples: int | None,
-                progress: bool, explain: int = 0, columns: list[str] | None = None,
-                source: str = "the input") -> dict[str, Any]:
-    from training.anomaly import ServedScorer
+class LocalScorer:
+    """Scores in-process with a model folder's graphs, exactly as the service does."""
 
-    scorer = ServedScorer.load(model_dir)
-    score = score_asked(score, samples, scorer.manifest.default_score)
-    cal = scorer.calibration(score)
-    x = align_columns(x, columns, scorer.manifest.feature_names if columns else None, source)
-    if x.shape[1] != scorer.manifest.input_dim:
-        raise DataError(f"rows have {x.shape[1]} features; the model takes {scorer.manifest.input_dim}")
-    chunk = 8192
-    scores = np.concatenate([scorer(x[s : s + chunk], samples, score) for s in
-                             tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress or None)])
-    result: dict[str, Any] = {"score": scores, "percentile": cal.percentile(scores),
-                              "is_anomaly": scores > cal.threshold}
-    if explain:
-        tops = [top_features(scorer.explain(x[s : s + chunk], samples, score), explain)
-                for s in range(0, len(x), chunk)]
-        result["top"] = (np.concatenate([t[0] for t in tops]), np.concatenate([t[1] for t in tops]),
-                         scorer.manifest.feature_names)
-    return result
+    def __init__(self, *, model_dir: Path, score: ScoreName | None, samples: int | None, explain: int = 0):
+        from training.anomaly import ServedScorer
+
+        self.scorer = ServedScorer.load(model_dir)
+        self.score = score_asked(score, samples, self.scorer.manifest.default_score)
+        self.calibration = self.scorer.calibration(self.score)
+        self.samples, self.explain = samples, explain
+        self.feature_names = self.scorer.manifest.feature_names
+
+    def __call__(self, x: np.ndarray, columns: list[str] | None, source: str, progress: bool = False
+                 ) -> dict[str, Any]:
+        m = self.scorer.manifest
+        x = align_columns(x, columns, m.feature_names if columns else None, source)
+        if x.shape[1] != m.input_dim:
+            raise DataError(f"rows have {x.shape[1]} features; the model takes {m.input_dim}")
+        chunk = 8192
+        starts = tqdm(range(0, len(x), chunk), desc="scoring", unit="chunk", disable=not progress or None)
+        scores = np.concatenate([self.scorer(x[s : s + chunk], self.samples, self.score) for s in starts])
+        result: dict[str, Any] = {"score": scores, "percentile": self.calibration.percentile(scores),
+                                  "is_anomaly": scores > self.calibration.threshold}
+        if self.explain:
+            tops = [top_features(self.scorer.explain(x[s : s + chunk], self.samples, self.score), self.explain)
+                    for s in range(0, len(x), chunk)]
+            result["top"] = (np.concatenate([t[0] for t in tops]), np.concatenate([t[1] for t in tops]),
+                             m.feature_names)
+        return result
+
+    def close(self) -> None:
+        pass
 
 
-def write(out: Path, result: dict[str, Any], ids: np.ndarray | None, id_column: str | None) -> None:
+def output_columns(result: dict[str, Any], carried: dict[str, Any]) -> dict[str, Any]:
+    """The output's columns in order: carried ones (id first), score, percentile, is_anomaly, then
+    feature_j / part_j for each of the K explained features."""
     index, parts, names = result.get("top") or (np.zeros((len(result["score"]), 0), dtype=np.int64), None, None)
     k = index.shape[1]
     labels = np.asarray(names if names else [f"x{j}" for j in range(int(index.max(initial=0)) + 1)])
     top_names = labels[index] if k else index
-    if out.suffix == ".npy":
-        fields = ([(id_column or "id", ids.dtype)] if ids is not None else []) + [
-            ("score", np.float64), ("percentile", np.float64), ("is_anomaly", np.bool_)]
-        fields += [f for j in range(k) for f in ((f"feature_{j + 1}", labels.dtype), (f"part_{j + 1}", np.float64))]
-        table = np.empty(len(result["score"]), dtype=fields)
-        if ids is not None:
-            table[id_column or "id"] = ids
-        for key in ("score", "percentile", "is_anomaly"):
-            table[key] = result[key]
-        for j in range(k):
-            table[f"feature_{j + 1}"], table[f"part_{j + 1}"] = top_names[:, j], parts[:, j]  # type: ignore[index]
-        np.save(out, table, allow_pickle=False)
-        return
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(([id_column] if ids is not None else []) + ["score", "percentile", "is_anomaly"]
-                   + [c for j in range(k) for c in (f"feature_{j + 1}", f"part_{j + 1}")])
-        for i in range(len(result["score"])):
-            w.writerow(([ids[i]] if ids is not None else []) + [
-                repr(float(result["score"][i])), f"{float(result['percentile'][i]):.4f}",
-                int(result["is_anomaly"][i])] + [c for j in range(k) for c in (
-                    top_names[i, j], f"{float(parts[i, j]):.6g}")])  # type: ignore[index]
+    columns: dict[str, Any] = dict(carried)
+    columns |= {"score": np.asarray(result["score"], dtype=np.float64),
+                "percentile": np.asarray(result["percentile"], dtype=np.float64),
+                "is_anomaly": np.asarray(result["is_anomaly"], dtype=np.bool_)}
+    for j in range(k):
+        columns[f"feature_{j + 1}"] = top_names[:, j]
+        columns[f"part_{j + 1}"] = parts[:, j]  # type: ignore[index]
+    return columns
+
+
+class Output:
+    """Where scores go, a chunk at a time: CSV and Parquet are written as they come, .npy (a structured
+    array) once at the end."""
+
+    def __init__(self, path: Path):
+        if path.suffix not in (".csv", ".npy", ".parquet"):
+            raise DataError(f"--output must end in .csv, .npy or .parquet, got {path}")
+        self.path = path
+        self._npy: list[dict[str, Any]] = []
+        self._csv: Any = None
+        self._parquet: Any = None
+
+    def write(self, result: dict[str, Any], carried: dict[str, Any]) -> None:
+        columns = output_columns(result, carried)
+        if self.path.suffix == ".parquet":
+            if self._parquet is None:
+                from training.columnar import ParquetSink
+
+                self._parquet = ParquetSink(self.path)
+            self._parquet.write(columns)
+        elif self.path.suffix == ".npy":
+            self._npy.append({k: _numpy(v) for k, v in columns.items()})
+        else:
+            self._write_csv(columns)
+
+    def _write_csv(self, columns: dict[str, Any]) -> None:
+        if self._csv is None:
+            self._file = self.path.open("w", newline="")
+            self._csv = csv.writer(self._file)
+            self._csv.writerow(list(columns))
+        values = [v.to_pylist() if hasattr(v, "to_pylist") else np.asarray(v).tolist() for v in columns.values()]
+        formats = [_csv_format(name) for name in columns]
+        self._csv.writerows([f(v) for f, v in zip(formats, row, strict=True)] for row in zip(*values, strict=True))
+
+    def close(self) -> None:
+        if self._parquet is not None:
+            self._parquet.close()
+        if self._csv is not None:
+            self._file.close()
+        if self._npy:
+            names = list(self._npy[0])
+            arrays = {k: np.concatenate([part[k] for part in self._npy]) for k in names}
+            table = np.empty(len(arrays["score"]), dtype=[(k, arrays[k].dtype) for k in names])
+            for k in names:
+                table[k] = arrays[k]
+            np.save(self.path, table, allow_pickle=False)
+
+
+def _numpy(values: Any) -> np.ndarray:
+    """A column (numpy, or an Arrow array carried from Parquet) as numpy; text as fixed-width str."""
+    array = values.to_numpy(zero_copy_only=False) if hasattr(values, "to_numpy") else np.asarray(values)
+    return array.astype(str) if array.dtype == object else array
+
+
+def _csv_format(name: str) -> Any:
+    """How a column's values are written: scores exactly (repr), percentiles to 4 places, flags as 0/1."""
+    if name == "score":
+        return lambda v: repr(float(v))
+    if name == "percentile":
+        return lambda v: f"{float(v):.4f}"
+    if name == "is_anomaly":
+        return lambda v: int(v)
+    if name.startswith("part_"):
+        return lambda v: f"{float(v):.6g}"
+    return lambda v: v
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vae-score", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("input", type=Path, help=".csv (header row), .npy or .npz of raw rows")
+    p.add_argument("input", type=Path, help=".csv (header row), .parquet (read a record batch at a time), .npy or "
+                   ".npz of raw rows")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="a running vaeserve, e.g. http://127.0.0.1:8000")
     where.add_argument("--model-dir", type=Path, help="score in-process with this model folder's graphs")
-    p.add_argument("-o", "--output", type=Path, required=True, help=".csv or .npy")
+    p.add_argument("-o", "--output", type=Path, required=True, help=".csv, .parquet or .npy")
     p.add_argument("--model", help="with --url: model name [default: the server's default]")
     p.add_argument("--version", type=int, help="with --url: model version [default: latest]")
     p.add_argument("--api-key", help="with --url: an API key, when the server requires one")
@@ -164,9 +253,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--score", choices=get_args(ScoreName),
                    help="which score (README: Anomaly detection) [default: the model's, as POST /anomaly-score]")
     p.add_argument("--samples", type=int, help="importance samples per row [default: the score's calibrated K]")
-    p.add_argument("--id-column", help="CSV column carried through to the output instead of being scored")
+    p.add_argument("--id-column", help="CSV or Parquet column carried through to the output (first) instead of "
+                   "being scored")
+    p.add_argument("--keep-columns", type=column_list, default=(), metavar="A,B",
+                   help="comma-separated CSV or Parquet columns carried through to the output, not scored")
     p.add_argument("--ignore-columns", type=column_list, default=(), metavar="A,B",
-                   help="comma-separated CSV columns left out of the features")
+                   help="comma-separated CSV or Parquet columns left out of the features")
     p.add_argument("--no-header", dest="header", action="store_false",
                    help="the CSV's first row is data: columns are taken by position, not matched by name")
     p.add_argument("--explain", type=int, default=0, metavar="K",
@@ -175,23 +267,56 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def make_scorer(args: argparse.Namespace) -> RemoteScorer | LocalScorer:
+    if args.url:
+        return RemoteScorer(url=args.url, model=args.model, version=args.version, score=args.score,
+                            samples=args.samples, api_key=args.api_key, ca=args.ca, cert=args.cert, key=args.key,
+                            explain=args.explain)
+    return LocalScorer(model_dir=args.model_dir, score=args.score, samples=args.samples, explain=args.explain)
+
+
+def score_file(args: argparse.Namespace, out: Output) -> tuple[int, int]:
+    """Score the input into `out`; (rows, rows flagged). A Parquet file goes a record batch at a time."""
+    carry = [c for c in (args.id_column, *args.keep_columns) if c]
+    progress = not args.no_progress
+    scorer = None
+    try:
+        if args.input.suffix == ".parquet":
+            from training.columnar import BATCH_ROWS, iter_parquet
+
+            features, total, batches = iter_parquet(args.input, carry=carry, ignore=args.ignore_columns)
+            scorer = make_scorer(args)
+            rows = flagged = 0
+            for batch in tqdm(batches, total=-(-total // BATCH_ROWS), desc="scoring", unit="batch",
+                              disable=not progress or None):
+                result = scorer(batch.x, features, str(args.input))
+                out.write(result, batch.carried)
+                rows, flagged = rows + len(batch.x), flagged + int(result["is_anomaly"].sum())
+            return rows, flagged
+        if args.keep_columns and args.input.suffix != ".csv":
+            raise DataError("--keep-columns applies to CSV and Parquet input")
+        x, ids, columns = read_rows(args.input, args.id_column, (*args.ignore_columns, *args.keep_columns),
+                                    args.header)
+        carried = {args.id_column: ids} if ids is not None else {}
+        carried |= read_csv_columns(args.input, args.keep_columns) if args.keep_columns else {}
+        scorer = make_scorer(args)
+        result = scorer(x, columns, str(args.input), progress)
+        out.write(result, carried)
+        return len(x), int(result["is_anomaly"].sum())
+    finally:
+        if scorer is not None:
+            scorer.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.output.suffix not in (".csv", ".npy"):
-            raise DataError(f"--output must end in .csv or .npy, got {args.output}")
+        out = Output(args.output)
         started = time.perf_counter()
-        x, ids, columns = read_rows(args.input, args.id_column, args.ignore_columns, args.header)
-        if args.url:
-            result = score_remote(x, url=args.url, model=args.model, version=args.version, score=args.score,
-                                  samples=args.samples, api_key=args.api_key, progress=not args.no_progress,
-                                  ca=args.ca, cert=args.cert, key=args.key, explain=args.explain, columns=columns,
-                                  source=str(args.input))
-        else:
-            result = score_local(x, model_dir=args.model_dir, score=args.score, samples=args.samples,
-                                 progress=not args.no_progress, explain=args.explain, columns=columns,
-                                 source=str(args.input))
-        write(args.output, result, ids, args.id_column)
+        try:
+            rows, flagged = score_file(args, out)
+        finally:
+            out.close()
     except Exception as e:  # noqa: BLE001 - a command line says what went wrong, without a traceback
         import httpx
 
@@ -206,8 +331,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vae-score: error: {e}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - started
-    print(f"scored {len(x)} rows in {seconds:.1f}s ({len(x) / seconds:,.0f} rows/s): "
-          f"{int(result['is_anomaly'].sum())} flagged; wrote {args.output}", file=sys.stderr)
+    print(f"scored {rows} rows in {seconds:.1f}s ({rows / seconds:,.0f} rows/s): {flagged} flagged; wrote "
+          f"{args.output}", file=sys.stderr)
     return 0
 
 
