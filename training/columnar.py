@@ -33,7 +33,8 @@ def _file(path: Path) -> Any:
     if not path.exists():
         raise DataError(f"data file not found: {path}")
     try:
-        return pa.parquet.ParquetFile(path)
+        # pre_buffer (pyarrow's default) keeps every column chunk read so far: 1.2 GB after a 1.3 GB file.
+        return pa.parquet.ParquetFile(path, pre_buffer=False)
     except pa.ArrowInvalid as e:
         raise DataError(f"{path}: not a Parquet file ({e})") from None
 
