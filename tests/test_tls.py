@@ -166,3 +166,25 @@ def test_tls_settings_must_come_together(monkeypatch):
         Settings(tls_cert=Path("c.pem"))
     with pytest.raises(ValidationError, match="VAE_TLS_CLIENT_CA asks clients"):
         Settings(tls_client_ca=Path("ca.pem"))
+
+
+def test_grpc_serves_tls_and_mutual_tls_from_the_same_settings(https, mtls, pki):
+    tg = pytest.importorskip("tritonclient.grpc")
+    ca = str(pki / "ca.pem")
+
+    def live(server: Server, **tls: object) -> bool:
+        client = tg.InferenceServerClient(server.grpc_address, **tls)
+        try:
+            return bool(client.is_server_live(client_timeout=5))
+        except tg.InferenceServerException:
+            return False
+        finally:
+            client.close()
+
+    assert live(https, ssl=True, root_certificates=ca)
+    assert not live(https)  # plaintext against a TLS port
+    assert live(mtls, ssl=True, root_certificates=ca, private_key=str(pki / "client.key"),
+                certificate_chain=str(pki / "client.pem"))
+    assert not live(mtls, ssl=True, root_certificates=ca)  # no client certificate: the handshake fails
+    assert not live(mtls, ssl=True, root_certificates=ca, private_key=str(pki / "rogue.key"),
+                    certificate_chain=str(pki / "rogue.pem"))
