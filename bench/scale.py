@@ -1,5 +1,6 @@
 """Scoring at pipeline scale: N generated rows x 20 features from Parquet to Parquet, `vae-score`
-in-process and through a local service, rows/s and peak memory of each process.
+in-process and through a local service, and the Spark job on a local cluster of two workers: rows/s
+and peak memory of each.
 
     python -m bench.scale [--rows 10000000] [--work DIR]
 
@@ -66,10 +67,50 @@ def score(args: list[str]) -> tuple[float, int]:
     return rate, peak
 
 
+def _tree_rss_kb(root: int) -> int:
+    """Resident memory of a process and all its descendants now (Linux /proc), in kB."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        pid = int(status.parent.name)
+        children.setdefault(int(text.split("PPid:")[1].split()[0]), []).append(pid)
+        rss[pid] = int(text.split("VmRSS:")[1].split()[0]) if "VmRSS:" in text else 0
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+def spark_job(rows: Path, model_dir: Path, out: Path) -> tuple[float, int]:
+    """(rows/s, peak RSS of the job's whole process tree in MB: driver, JVM and Python workers, sampled
+    every 0.2 s) of the example Spark job on local[2]."""
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    job = subprocess.Popen([sys.executable, "-m", "training.spark", str(rows), "--model-dir", str(model_dir),
+                            "--keep", "id", "-o", str(out), "--master", "local[2]"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while job.poll() is None:
+        peak = max(peak, _tree_rss_kb(job.pid))
+        time.sleep(0.2)
+    seconds = time.perf_counter() - started
+    if job.returncode != 0:
+        raise RuntimeError(job.stderr.read()[-2000:] if job.stderr else "the Spark job failed")
+    return pq.ParquetDataset(out).read(columns=["score"]).num_rows / seconds, peak // 1024
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=10_000_000)
     p.add_argument("--work", type=Path, help="scratch folder [default: a temporary one]")
+    p.add_argument("--no-spark", dest="spark", action="store_false", help="skip the Spark job (needs Java)")
     args = p.parse_args(argv)
     work = args.work or Path(tempfile.mkdtemp(prefix="vae-scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         assert server.proc is not None
         status = Path(f"/proc/{server.proc.pid}/status").read_text()
         server_peak = int(status.split("VmHWM:")[1].split()[0]) // 1024
+    spark = spark_job(rows, work / "models" / "t20" / "1", work / "spark") if args.spark else None
     print(f"{args.rows:,} rows x {FEATURES} features, Parquet to Parquet, {os.cpu_count()} CPUs "
           f"({time.strftime('%Y-%m-%d %H:%M')}, {time.time() - started:.0f} s in all)\n")
     print("| vae-score | rows/s | peak RSS |\n|---|---|---|")
     print(f"| in-process (`--model-dir`) | {local[0]:,.0f} | {local[1]} MB |")
     print(f"| through a local service (`--url`, VAE_MAX_ROWS=8192) | {remote[0]:,.0f} | client {remote[1]} MB, "
           f"server {server_peak} MB |")
+    if spark is not None:
+        print(f"| Spark, local[2] (`python -m training.spark`, JVM start included) | {spark[0]:,.0f} | "
+              f"{spark[1]} MB, the job's processes together |")
     return 0
 
 
