@@ -26,6 +26,7 @@ class Call:
     maybe_bools: bool
     npz: bool = False  # answer .npz rather than JSON (native protocol)
     png: bool = False  # answer one PNG picture (native protocol, image models)
+    arrow: bool = False  # answer an Arrow IPC stream (native protocol)
     gone: Callable[[], Awaitable[bool]] | None = None  # whether the client has closed its connection
 
     def labels(self, n: int) -> np.ndarray | None:

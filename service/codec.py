@@ -22,6 +22,7 @@ JSON = "application/json"
 NPY = "application/x-npy"
 NPZ = "application/x-npz"
 PNG = "image/png"
+ARROW = "application/vnd.apache.arrow.stream"
 _NUMERIC_KINDS = "fiu"
 
 
@@ -69,11 +70,11 @@ def media_type(content_type: str | None) -> str:
     if not content_type:
         return JSON
     kind = content_type.split(";", 1)[0].strip().lower()
-    if kind in (JSON, NPY):
+    if kind in (JSON, NPY, ARROW):
         return kind
     if kind in ("application/octet-stream", "application/npy"):
         return NPY
-    raise UnsupportedMediaType(f"Content-Type {quoted(kind)} is not supported; send {JSON} or {NPY} "
+    raise UnsupportedMediaType(f"Content-Type {quoted(kind)} is not supported; send {JSON}, {NPY} or {ARROW} "
                                "(with curl: --json, or -H 'Content-Type: application/json')")
 
 
@@ -258,12 +259,12 @@ def negotiate(accept: str | None) -> str:
     if not accept:
         return JSON
     kinds = [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
-    for kind in (NPZ, PNG):
+    for kind in (NPZ, PNG, ARROW):
         if kind in kinds:
             return kind
     if not any(k in (JSON, "*/*", "application/*", "") for k in kinds):
-        raise NotAcceptable(f"Accept {quoted(accept)}: responses are {JSON}, {NPZ}, or {PNG} (image models' "
-                            "/sample, /decode, /reconstruct and /interpolate)")
+        raise NotAcceptable(f"Accept {quoted(accept)}: responses are {JSON}, {NPZ}, {ARROW}, or {PNG} (image "
+                            "models' /sample, /decode, /reconstruct and /interpolate)")
     return JSON
 
 
@@ -293,3 +294,74 @@ def encode_npz(payload: dict[str, Any]) -> bytes:
                 continue
             archive.writestr(f"{key}.npy", _npy_bytes(value if isinstance(value, np.ndarray) else np.asarray(value)))
     return buffer.getvalue()
+
+
+def parse_arrow(body: bytes) -> tuple[np.ndarray, list[str]]:
+    """An Arrow IPC stream -> (rows float32 [N, D], column names): one numeric column per feature, or
+    one fixed-size-list column holding each row. Columns are matched to the model's names by the caller."""
+    import pyarrow as pa
+
+    try:
+        table = pa.ipc.open_stream(body).read_all()
+    except (pa.ArrowException, OSError, ValueError) as e:  # whatever the bytes are, they are not a stream
+        raise MalformedBody(f"the body is not an Arrow IPC stream ({ARROW}): {e}") from None
+    names = table.column_names
+    if not names or table.num_rows == 0:
+        raise InvalidInput("the Arrow table has no rows or no columns", field="inputs")
+    columns = []
+    for name in names:
+        column = table.column(name).combine_chunks()
+        if column.null_count:
+            raise InvalidInput(f"Arrow column {quoted(name)} has {column.null_count} nulls", field=name)
+        if pa.types.is_fixed_size_list(column.type) and len(names) == 1:
+            values = column.flatten().to_numpy(zero_copy_only=False)
+            return _float_rows(values.reshape(table.num_rows, column.type.list_size), name), names
+        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+            raise InvalidInput(f"Arrow column {quoted(name)} is {column.type}; every column must be a number "
+                               "(one per feature), or send one fixed-size-list column of rows", field=name)
+        columns.append(column.to_numpy(zero_copy_only=False))
+    return _float_rows(np.column_stack(columns), "inputs"), names
+
+
+def _float_rows(values: np.ndarray, field: str) -> np.ndarray:
+    rows = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(rows).all():
+        raise InvalidInput(f"{field}: NaN and infinite values are not numbers a model can take", field=field)
+    return rows.astype(np.float32)
+
+
+def order_columns(rows: np.ndarray, names: list[str], expected: list[str] | None) -> np.ndarray:
+    """Named columns in the model's feature order; unnamed (c0, c1, ... or a model without names) by position."""
+    if expected is None or names == expected or len(names) == 1:
+        return rows
+    missing, extra = [c for c in expected if c not in names], [c for c in names if c not in expected]
+    if missing or extra:
+        raise InvalidInput(f"the Arrow columns do not match the model's features: missing {missing}, not in the "
+                           f"model {extra}", field="inputs")
+    return rows[:, [names.index(c) for c in expected]]
+
+
+def encode_arrow(payload: dict[str, Any]) -> bytes:
+    """One record batch: each array a column (2-D ones as fixed-size lists, a row per entry), scalars and
+    lists as the schema's metadata (JSON values)."""
+    import pyarrow as pa
+
+    arrays, metadata = {}, {}
+    for key, value in payload.items():
+        if value is None:
+            continue
+        if isinstance(value, np.ndarray) and value.ndim >= 1:
+            flat = pa.array(np.ascontiguousarray(value).reshape(-1))
+            width = int(np.prod(value.shape[1:])) if value.ndim > 1 else 0
+            arrays[key] = pa.FixedSizeListArray.from_arrays(flat, width) if width else flat
+        else:
+            metadata[key] = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
+    lengths = {len(a) for a in arrays.values()}
+    if len(lengths) > 1:
+        raise NotAcceptable(f"this answer's arrays differ in length ({sorted(lengths)}), so it is not one Arrow "
+                            "table; ask for JSON or .npz")
+    batch = pa.RecordBatch.from_pydict(arrays, metadata=metadata)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()

@@ -61,13 +61,14 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
     kind = codec.media_type(request.headers.get("content-type"))
     body = await read_body(request, state)
     npy = None
+    columns: list[str] | None = None
     if not body.strip() and request.query_params:
         # No body: the fields come from the query string, as with .npy bodies (`POST /sample?n=4&seed=7`).
         params = validate_params(params_type, dict(request.query_params), strict=False)
         arrays: dict[str, Any] = {}
         maybe_bools = False
-    elif kind == codec.NPY:
-        npy = codec.parse_npy(body)
+    elif kind == codec.NPY or kind == codec.ARROW:
+        npy, columns = codec.parse_arrow(body) if kind == codec.ARROW else (codec.parse_npy(body), None)
         params = validate_params(params_type, dict(request.query_params), strict=False)
         arrays = {}
         maybe_bools = False
@@ -79,10 +80,12 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         params = validate_params(params_type, data, strict=True)
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
+    if columns is not None and npy is not None and npy.shape[1] == model.manifest.input_dim:
+        npy = codec.order_columns(npy, columns, model.manifest.feature_names)
     if answer == codec.PNG:
         pictures.check_drawable(model.input_shape, isinstance(params, PictureFields) and params.draws())
     return Call(params=params, model=model, arrays=arrays, npy=npy, settings=state.settings,
-                maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG,
+                maybe_bools=maybe_bools, npz=answer == codec.NPZ, png=answer == codec.PNG, arrow=answer == codec.ARROW,
                 gone=request.is_disconnected)
 
 
@@ -125,6 +128,8 @@ def _render_native(call: Call, payload: Payload) -> Response:
         return Response(pictures.render(call, payload), media_type=codec.PNG)
     if call.npz:
         return Response(codec.encode_npz(payload), media_type=codec.NPZ)
+    if call.arrow:
+        return Response(codec.encode_arrow(payload), media_type=codec.ARROW)
     return Response(codec.encode_json(payload), media_type=codec.JSON)
 
 

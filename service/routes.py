@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from starlette.responses import Response
 
 from service import schemas
-from service.codec import JSON, NPY, NPZ, PNG, encode_json
+from service.codec import ARROW, JSON, NPY, NPZ, PNG, encode_json
 from service.deps import AppState, State, add_head
 from service.errors import NotReady
 from service.operations import OPERATIONS, Operation
@@ -35,8 +35,13 @@ def _doc(request_model: type[BaseModel], response_model: type[BaseModel], npy: s
     content: dict[str, Any] = {JSON: {"schema": request_model.model_json_schema()}}
     if npy:
         content[NPY] = {"schema": {"type": "string", "format": "binary", "description": npy}}
+        content[ARROW] = {"schema": {"type": "string", "format": "binary", "description": "the same rows as an Arrow "
+                                     "IPC stream: a numeric column per feature (matched to the model's names), or "
+                                     "one fixed-size-list column of rows"}}
     binary = {"type": "string", "format": "binary"}
-    npz: dict[str, Any] = {NPZ: {"schema": {**binary, "description": "one array per field"}}}
+    npz: dict[str, Any] = {NPZ: {"schema": {**binary, "description": "one array per field"}},
+                           ARROW: {"schema": {**binary, "description": "one record batch: a column per field "
+                                              "(rows of 2-D fields as fixed-size lists), scalars as metadata"}}}
     if "columns" in request_model.model_fields:
         npz[PNG] = {"schema": {"type": "string", "format": "binary",
                                "description": "image models: the outputs as one picture (README: Pictures)"}}
