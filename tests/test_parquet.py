@@ -144,3 +144,20 @@ def test_reading_holds_one_batch_not_the_file(tmp_path):
         seen += len(batch.x)
         most = max(most, pa.total_allocated_bytes())
     assert seen == rows == 200_000 and most < 12 * 2**20
+
+
+def test_benchmark_anomaly_reads_parquet_tables_as_it_reads_npz(tmp_path):
+    from training.anomaly import benchmark
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (1_900, 4)), rng.normal(5, 0.3, (100, 4))])
+    y = np.r_[np.zeros(1_900), np.ones(100)]
+    (tmp_path / "npz").mkdir()
+    (tmp_path / "parquet").mkdir()
+    np.savez(tmp_path / "npz" / "toy.npz", X=x, y=y)
+    as_parquet(tmp_path / "parquet" / "toy.parquet", {**{f"x{j}": x[:, j] for j in range(4)}, "y": y.astype(int)})
+    runs = [benchmark(tmp_path / kind, seeds=(1,), extra=["--epochs", "2"], progress=False)["sets"]["toy"]
+            for kind in ("npz", "parquet")]
+    assert runs[0]["rows"] == runs[1]["rows"] == 2_000 and runs[1]["features"] == 4
+    for method in ("vae", "iforest"):
+        assert runs[1][f"{method}_auroc_mean"] == pytest.approx(runs[0][f"{method}_auroc_mean"], abs=1e-9)

@@ -152,6 +152,9 @@ CONFIRMATION_HALF = ("19_landsat", "21_Lymphography", "23_mammography", "26_optd
                      "33_skin", "34_smtp", "35_SpamBase", "40_vowels", "41_Waveform", "47_yeast")
 
 
+LABEL_COLUMN = "y"  # a Parquet table's labels in benchmark-anomaly: 0 normal, 1 anomaly
+
+
 def protocol_split(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """ADBench's protocol for one seed: subsample past 10,000 rows, then a 70/30 split stratified on y."""
     from sklearn.model_selection import train_test_split
@@ -196,7 +199,7 @@ def _one_run(path: Path, seed: int, extra: list[str], score: ScoreName, samples:
     import torch
 
     torch.set_num_threads(1)  # the workers share the cores; one intra-op thread each
-    x, y, _ = read_labelled(path)
+    x, y, _ = read_labelled(path, label_column=LABEL_COLUMN if path.suffix == ".parquet" else None)
     x_train, x_test, _, y_test = protocol_split(x, y, seed)
     t0 = time.time()
     folder = _train_default(x_train, work / f"{path.stem}-s{seed}", path.stem.replace("_", "-"), seed, extra)
@@ -213,7 +216,8 @@ def _one_run(path: Path, seed: int, extra: list[str], score: ScoreName, samples:
 def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list[str] | None = None,
               score: ScoreName | None = None, samples: int | None = None, sets: list[str] | None = None,
               jobs: int = 1, progress: bool = True) -> dict[str, Any]:
-    """ADBench's protocol on every `*.npz` (X, y) in data_dir (or the `sets` named): per seed a set over
+    """ADBench's protocol on every `*.npz` (X, y) and `*.parquet` (features and a `y` column) in data_dir (or
+    the `sets` named): per seed a set over
     10,000 rows subsampled to 10,000, a 70/30 split stratified on y, the VAE trained on the training split as
     it is (anomalies included, labels unused) with the defaults and its test rows scored as served; the
     baselines on the same split, in the same run. `jobs` worker processes run (set, seed) pairs side by side.
@@ -225,15 +229,16 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
     from tqdm import tqdm
 
     chosen = score_asked(score, samples)
-    files = sorted(data_dir.glob("*.npz"), key=_set_order)
+    files = sorted([*data_dir.glob("*.npz"), *data_dir.glob("*.parquet")], key=_set_order)
     if sets:
         unknown = sorted(set(sets) - {f.stem for f in files})
         if unknown:
             raise DataError(f"{data_dir}: no {', '.join(u + '.npz' for u in unknown)} (--sets names files without "
-                            ".npz)")
+                            "their suffix)")
         files = [f for f in files if f.stem in sets]
     if not files:
-        raise DataError(f"{data_dir}: no .npz files (each holding X and y)")
+        raise DataError(f"{data_dir}: no .npz files (each holding X and y) or .parquet tables (features and a "
+                        f"{LABEL_COLUMN!r} column)")
     shapes = {f.stem: _shape(f) for f in files}
     # Largest first, so the last task to finish is a small one.
     tasks = sorted(((f, seed) for f in files for seed in seeds), key=lambda t: -min(shapes[t[0].stem][0],
@@ -261,6 +266,11 @@ def _set_order(path: Path) -> tuple[int, str]:
 
 
 def _shape(path: Path) -> tuple[int, int]:
+    if path.suffix == ".parquet":
+        from training.columnar import parquet_shape
+
+        rows, columns = parquet_shape(path)
+        return rows, columns - 1  # the label column is not a feature
     with np.load(path, allow_pickle=False) as npz:
         return tuple(npz["X"].shape)  # type: ignore[return-value]
 

@@ -93,7 +93,8 @@ def benchmark_parser() -> argparse.ArgumentParser:
                     "IsolationForest, ECOD and KNN (PyOD) on the same split. Writes JSON, markdown and a PNG.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", type=Path, required=True, help="folder of .npz files holding X and y")
+    p.add_argument("--data", type=Path, required=True, help="folder of .npz files holding X and y, and/or "
+                   ".parquet tables with a label column y")
     p.add_argument("--seeds", default="1,2,3", help="comma-separated split and training seeds")
     p.add_argument("--sets", help="comma-separated file names without .npz, e.g. 6_cardio,38_thyroid [default: all]")
     p.add_argument("--jobs", type=_positive(int), default=max(1, min(os.cpu_count() or 1, 8)),

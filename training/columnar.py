@@ -82,6 +82,12 @@ def read_parquet_table(path: Path, label_column: str | None, *, drop: tuple[str,
     return x, labels, features
 
 
+def parquet_shape(path: Path) -> tuple[int, int]:
+    """(rows, columns) from the file's footer, without reading its data."""
+    metadata = _file(path).metadata
+    return metadata.num_rows, metadata.num_columns
+
+
 @dataclass
 class Batch:
     x: np.ndarray  # float32 [n, D], the feature columns in the file's order
