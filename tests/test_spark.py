@@ -56,7 +56,7 @@ def test_a_dataframe_scored_on_two_workers_equals_vae_score(spark, models, rows)
     source, expected = rows
     df = spark.read.parquet(str(source)).repartition(4)
     assert spark.sparkContext.defaultParallelism == 2 and df.rdd.getNumPartitions() == 4
-    scored = score_dataframe(df, models["csv"], keep=["id", "site"])
+    scored = score_dataframe(df, models["csv"].as_uri(), keep=["id", "site"])  # a URI, as on a cluster
     assert scored.columns == ["id", "site", "score", "percentile", "is_anomaly"]
     assert dict(scored.dtypes) == {"id": "string", "site": "string", "score": "double", "percentile": "double",
                                    "is_anomaly": "boolean"}

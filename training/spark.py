@@ -8,8 +8,9 @@ Arrow record batches, the same currency `vae-score` reads Parquet in, never conv
     scored = score_dataframe(df, "models/sensors/1", keep=["id"])        # the ONNX graphs in-process
     scored = score_dataframe(df, url="http://vaeserve:8000", model="sensors", keep=["id"])  # or the service
 
-In-process, the model folder is shipped to the executors with `SparkContext.addFile` (or read where
-it lies, when `ship=False` and every executor can see the path) and loaded once per Python worker;
+In-process, the model folder (a local path, or a URI Spark reads: `s3a://`, `hdfs://`) is shipped to
+the executors with `SparkContext.addFile` (or read where it lies, when `ship=False` and every executor
+can see the path) and loaded once per Python worker;
 each record batch is scored exactly as `vae-score --model-dir` scores it (same preprocessing, noise
 and calibration), so the numbers are the same. Through a service, each worker holds one client.
 
@@ -64,13 +65,22 @@ def score_dataframe(df: Any, model_dir: str | Path | None = None, *, url: str | 
     if model_dir is not None:
         from service.folder import read_manifest
 
-        folder = Path(model_dir).resolve()
-        names = read_manifest(folder).feature_names
-        if ship:
-            df.sparkSession.sparkContext.addFile(str(folder), recursive=True)
-            key: tuple[Any, ...] = ("dir", folder.name, None, score, samples)
+        where = str(model_dir)
+        if "://" in where:  # a URI Spark reads (s3a://, hdfs://, file://): fetched to the driver and every executor
+            from pyspark import SparkFiles
+
+            df.sparkSession.sparkContext.addFile(where, recursive=True)
+            name = where.rstrip("/").rsplit("/", 1)[1]
+            names = read_manifest(Path(SparkFiles.get(name))).feature_names
+            key: tuple[Any, ...] = ("dir", name, None, score, samples)
         else:
-            key = ("dir", str(folder), None, score, samples)
+            folder = Path(where).resolve()
+            names = read_manifest(folder).feature_names
+            if ship:
+                df.sparkSession.sparkContext.addFile(str(folder), recursive=True)
+                key = ("dir", folder.name, None, score, samples)
+            else:
+                key = ("dir", str(folder), None, score, samples)
     else:
         from vaeclient import Client
 
@@ -107,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m training.spark", description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="Parquet file or folder (any path Spark reads: file://, s3a://, hdfs://)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--model-dir", type=Path, help="an exported model folder, shipped to the executors")
+    where.add_argument("--model-dir", help="an exported model folder (a path, or a URI such as s3a://...), "
+                       "shipped to the executors")
     where.add_argument("--url", help="score through a running vaeserve instead")
     p.add_argument("--model", help="with --url: the model's name [default: the server's default]")
     p.add_argument("--keep", default="", help="comma-separated columns carried to the output (ids)")
