@@ -23,7 +23,7 @@ from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.operations import Operation, Payload
-from service.schemas import ARRAY_FIELDS, PictureFields
+from service.schemas import ARRAY_FIELDS, DecodeParams, PictureFields
 from service.statistics import RequestTiming
 
 P = TypeVar("P", bound=BaseModel)
@@ -80,7 +80,8 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         params = validate_params(params_type, data, strict=True)
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
-    if columns is not None and npy is not None and npy.shape[1] == model.manifest.input_dim:
+    takes_latents = params_type is DecodeParams or getattr(params, "latent", False)
+    if columns is not None and npy is not None and not takes_latents:  # named columns are the model's features
         npy = codec.order_columns(npy, columns, model.manifest.feature_names)
     if answer == codec.PNG:
         pictures.check_drawable(model.input_shape, isinstance(params, PictureFields) and params.draws())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -230,3 +231,34 @@ def test_the_compiled_descriptors_match_the_protos(tmp_path):
     assert protoc.main(["protoc", f"-I{PROTOS}", "--include_imports", f"--descriptor_set_out={out}",
                         str(PROTOS / "open_inference_grpc.proto"), str(PROTOS / "triton_extensions.proto")]) == 0
     assert out.read_bytes() == (PROTOS / "inference.binpb").read_bytes(), "run make protos"
+
+
+def test_sigterm_lets_a_grpc_call_in_flight_finish(tmp_path):
+    import signal
+    import threading
+
+    env = {"VAE_RELOAD_INTERVAL": "0", "VAE_MAX_DECODE_ROWS": "1000000", "VAE_MAX_QUEUE_ROWS": "1000000"}
+    server = Server(model_dir=DEFAULT_MODEL.parents[1], env=env, log=tmp_path / "server.log")
+    assert server.proc is not None
+    client = tg.InferenceServerClient(server.grpc_address)
+    tensor = tg.InferInput("inputs", [200, 64], "FP32")
+    tensor.set_data_from_numpy(digits_rows(200))
+    outcome: list[object] = []
+
+    def slow_call() -> None:  # ~a second of decoding: 200 rows x 1,000 samples
+        try:
+            outcome.append(client.infer("digits.anomaly-score", [tensor], parameters={"samples": 1000}))
+        except tg.InferenceServerException as e:
+            outcome.append(e)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.3)
+    server.proc.send_signal(signal.SIGTERM)
+    caller.join(60)
+    code = server.proc.wait(60)
+    server.stop()
+    client.close()
+    assert code in (0, -signal.SIGTERM)
+    assert len(outcome) == 1 and not isinstance(outcome[0], Exception), outcome
+    assert outcome[0].as_numpy("score").shape == (200,)
