@@ -31,8 +31,8 @@ from service import codec, triton, v2
 from service.auth import KeyRing, presented_key
 from service.call import Call
 from service.deps import AppState
-from service.errors import InvalidInput, MalformedBody, Unauthorized, grpc_error, quoted
-from service.operations import OPERATIONS, Operation, Payload
+from service.errors import InvalidInput, MalformedBody, ServiceError, Unauthorized, grpc_error, quoted
+from service.operations import Operation, Payload
 from service.pipeline import handle, validate_params
 from service.repository import LoadedModel
 
@@ -93,9 +93,7 @@ def _tensors(request: Any, op: Operation) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for i, spec in enumerate(request.inputs):
         where = f"inputs[{i}]"
-        if spec.datatype != "FP32":
-            raise InvalidInput(f"input {quoted(spec.name)} has datatype {quoted(spec.datatype)}; this server takes "
-                               "FP32", field=f"{where}.datatype")
+        v2.check_datatype(spec.name, spec.datatype, where)
         shape = list(spec.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input {quoted(spec.name)}: shape must be non-negative, got {shape}",
@@ -113,39 +111,24 @@ def _tensors(request: Any, op: Operation) -> dict[str, np.ndarray]:
                 raise InvalidInput(f"input {quoted(spec.name)}: contents.fp32_contents holds {len(values)} values; "
                                    f"shape {shape} needs {count}", field=f"{where}.contents")
             array = np.asarray(values, dtype=np.float32).reshape(shape)
-        if spec.name not in v2.INPUTS[op.name]:
-            takes = ", ".join(v2.INPUTS[op.name]) or "none (its fields are parameters)"
-            raise InvalidInput(f"{quoted(spec.name)} is not an input of {request.model_name}; its inputs: {takes}",
-                               field=where)
-        if spec.name in tensors:
-            raise InvalidInput(f"input {quoted(spec.name)} is given twice", field=where)
-        tensors[spec.name] = array
+        v2.add_input(tensors, spec.name, array, request.model_name, op, where)
     return tensors
 
 
 def _wanted(request: Any, op: Operation) -> set[str]:
     """The outputs asked for (none named: all)."""
-    wanted = {o.name for o in request.outputs}
-    for name in sorted(wanted - v2.OUTPUTS[op.name].keys()):
-        raise InvalidInput(f"{quoted(name)} is not an output of {request.model_name}; its outputs: "
-                           f"{', '.join(v2.OUTPUTS[op.name])}", field="outputs")
-    return wanted
+    for i, out in enumerate(request.outputs):
+        v2.check_output(out.name, request.model_name, op, f"outputs[{i}].name")
+    return {o.name for o in request.outputs}
 
 
 def _render(request: Any, wanted: set[str], call: Call, payload: Payload) -> Any:
     response = _new("ModelInferResponse", model_name=request.model_name, model_version=str(call.model.version),
                     id=request.id)
-    for key, value in payload.items():
-        if key in ("model", "version") or value is None:
-            continue
-        if not isinstance(value, np.ndarray):
-            response.parameters[key].CopyFrom(_parameter(value))
-            continue
-        if wanted and key not in wanted:
-            continue
-        datatype = v2.DATATYPES.get(value.dtype)
-        if datatype is None:
-            value, datatype = value.astype(np.float32), "FP32"
+    parameters, tensors = v2.output_tensors(payload, wanted or None)
+    for key, value in parameters.items():
+        response.parameters[key].CopyFrom(_parameter(value))
+    for key, datatype, value in tensors:
         response.outputs.add(name=key, datatype=datatype, shape=list(value.shape))
         response.raw_output_contents.append(np.ascontiguousarray(value).tobytes())
     return response
@@ -168,10 +151,7 @@ class Servicer:
             raise Unauthorized(UNAUTHORIZED)
 
     async def _model(self, name: str, version: str) -> tuple[LoadedModel, Operation, list[int]]:
-        model_name, op = v2.split_name(name)
-        repo = await self.state.loaded_repository()
-        model = repo.get(model_name, v2.parse_version(version or None))
-        return model, op, sorted(repo.models[model.name])
+        return await v2.resolve(self.state, name, version or None)
 
     async def ServerLive(self, request: Any, context: Any) -> Any:  # noqa: N802 - the protocol's names
         return _new("ServerLiveResponse", live=True)
@@ -184,7 +164,7 @@ class Servicer:
         self._authorise(context, "grpc")
         try:
             await self._model(request.name, request.version)
-        except Exception:  # noqa: BLE001 - not ready is the answer, as over HTTP's 404
+        except ServiceError:  # an unknown model or version, or still loading: not ready, as over HTTP
             return _new("ModelReadyResponse", ready=False)
         return _new("ModelReadyResponse", ready=True)
 
@@ -211,15 +191,7 @@ class Servicer:
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:  # noqa: N802
         self._authorise(context, "grpc")
-        stats = self.state.statistics
-        repo = await self.state.loaded_repository()
-        if request.name:
-            model, op, versions = await self._model(request.name, request.version)
-            chosen = [(model.name, v, op.name) for v in ([model.version] if request.version else versions)]
-        else:
-            chosen = [(name, v, op) for name, vs in sorted(repo.models.items()) for v in sorted(vs)
-                      for op in OPERATIONS]
-        docs = [stats.get(*key).to_dict(f"{key[0]}.{key[2]}", key[1]) for key in chosen]
+        docs = await triton.model_stats(self.state, request.name or None, request.version or None)
         return json_format.ParseDict({"model_stats": docs}, _new("ModelStatisticsResponse"), ignore_unknown_fields=True)
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:  # noqa: N802

@@ -27,7 +27,7 @@ from service.pipeline import read_body
 from service.repository import LoadedModel, Repository
 from service.settings import Settings
 from service.statistics import BATCHED_OPERATIONS
-from service.v2 import INPUTS, OUTPUTS, parse_version, split_name
+from service.v2 import INPUTS, OUTPUTS, resolve
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2: Triton's extensions"])
 
@@ -82,45 +82,43 @@ def model_config(model: LoadedModel, op: Operation, settings: Settings) -> dict[
     return config
 
 
-async def _model(state: AppState, name: str, version: str | None) -> tuple[LoadedModel, Operation]:
-    model_name, op = split_name(name)
+async def model_stats(state: AppState, name: str | None, version: str | None) -> list[dict[str, Any]]:
+    """Triton's `model_stats` for every loaded v2 model version (`name` None), every version of one
+    (`version` None), or one version; a version that has served nothing reports zeros."""
     repo = await state.loaded_repository()
-    return repo.get(model_name, parse_version(version)), op
+    if name is None:
+        chosen = [(model, v, op) for model, versions in sorted(repo.models.items()) for v in sorted(versions)
+                  for op in OPERATIONS]
+    else:
+        model, op, versions = await resolve(state, name, version)
+        chosen = [(model.name, v, op.name) for v in ([model.version] if version is not None else versions)]
+    return [state.statistics.get(*key).to_dict(f"{key[0]}.{key[2]}", key[1]) for key in chosen]
 
 
 @router.get("/models/stats", summary="Statistics of every loaded v2 model version (Triton's statistics extension)")
 async def all_stats(state: State) -> Response:
-    repo = await state.loaded_repository()
-    stats = [state.statistics.get(model.name, model.version, op).to_dict(f"{model.name}.{op}", model.version)
-             for _, versions in sorted(repo.models.items()) for _, model in sorted(versions.items())
-             for op in OPERATIONS]
-    return _json({"model_stats": stats})
+    return _json({"model_stats": await model_stats(state, None, None)})
 
 
 @router.get("/models/{name}/stats", summary="Statistics of every loaded version of one v2 model")
-async def model_stats(name: str, state: State) -> Response:
-    model, op = await _model(state, name, None)
-    repo = await state.loaded_repository()
-    versions = sorted(repo.models[model.name].items())
-    return _json({"model_stats": [state.statistics.get(model.name, v, op.name).to_dict(name, v) for v, _ in versions]})
+async def name_stats(name: str, state: State) -> Response:
+    return _json({"model_stats": await model_stats(state, name, None)})
 
 
 @router.get("/models/{name}/versions/{version}/stats", summary="Statistics of one v2 model version")
 async def version_stats(name: str, version: str, state: State) -> Response:
-    model, op = await _model(state, name, version)
-    return _json({"model_stats": [state.statistics.get(model.name, model.version, op.name).to_dict(name,
-                                                                                                   model.version)]})
+    return _json({"model_stats": await model_stats(state, name, version)})
 
 
 @router.get("/models/{name}/config", summary="Triton's model configuration of a v2 model (latest version)")
 async def config_latest(name: str, state: State) -> Response:
-    model, op = await _model(state, name, None)
+    model, op, _ = await resolve(state, name, None)
     return _json(model_config(model, op, state.settings))
 
 
 @router.get("/models/{name}/versions/{version}/config", summary="Triton's model configuration of one version")
 async def config_version(name: str, version: str, state: State) -> Response:
-    model, op = await _model(state, name, version)
+    model, op, _ = await resolve(state, name, version)
     return _json(model_config(model, op, state.settings))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,53 @@ def metadata(model: LoadedModel, op: Operation, versions: list[int]) -> dict[str
                            "classes": model.manifest.classes}}
 
 
+def check_datatype(name: str, datatype: Any, where: str) -> None:
+    """Inputs are FP32 (what the graphs take), whichever protocol brings them."""
+    if datatype != "FP32":
+        raise InvalidInput(f"input {quoted(name)} has datatype {quoted(datatype)}; this server takes FP32",
+                           field=f"{where}.datatype")
+
+
+def add_input(tensors: dict[str, np.ndarray], name: str, array: np.ndarray, model: str, op: Operation,
+              where: str) -> None:
+    """One input tensor into `tensors`: an input the operation takes, given once."""
+    if name not in INPUTS[op.name]:
+        takes = ", ".join(INPUTS[op.name]) or "none (its fields are parameters)"
+        raise InvalidInput(f"{quoted(name)} is not an input of {model}; its inputs: {takes}", field=where)
+    if name in tensors:
+        raise InvalidInput(f"input {quoted(name)} is given twice", field=where)
+    tensors[name] = array
+
+
+def check_output(name: Any, model: str, op: Operation, where: str) -> str:
+    """A requested output's name, once it is known to be one of the operation's outputs."""
+    if not isinstance(name, str) or name not in OUTPUTS[op.name]:
+        raise InvalidInput(f"{quoted(name)} is not an output of {model}; its outputs: {', '.join(OUTPUTS[op.name])}",
+                           field=where)
+    return name
+
+
+def output_tensors(payload: Payload, wanted: Container[str] | None
+                   ) -> tuple[dict[str, Any], list[tuple[str, str, np.ndarray]]]:
+    """A payload as v2 answers it: (response parameters from its scalars and names, [(output, datatype,
+    array)] for the arrays `wanted` holds, all when None)."""
+    parameters: dict[str, Any] = {}
+    tensors = []
+    for key, value in payload.items():
+        if key in ("model", "version") or value is None:
+            continue
+        if not isinstance(value, np.ndarray):
+            parameters[key] = value
+            continue
+        if wanted is not None and key not in wanted:
+            continue
+        datatype = DATATYPES.get(value.dtype)
+        if datatype is None:
+            value, datatype = value.astype(np.float32), "FP32"
+        tensors.append((key, datatype, value))
+    return parameters, tensors
+
+
 def _dict(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{where} must be a JSON object, got {type(value).__name__}", field=where)
@@ -122,9 +169,7 @@ def _tensor(spec: Any, i: int, binary: bytes, offset: int) -> tuple[str, np.ndar
     name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
     if not isinstance(name, str):
         raise InvalidInput(f"{where}.name must be a string", field=f"{where}.name")
-    if datatype != "FP32":
-        raise InvalidInput(f"input {quoted(name)} has datatype {quoted(datatype)}; this server takes FP32",
-                           field=f"{where}.datatype")
+    check_datatype(name, datatype, where)
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise InvalidInput(f"input {quoted(name)}: shape must be a list of non-negative integers, got {quoted(shape)}",
@@ -189,13 +234,7 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
     offset = 0
     for i, spec in enumerate(inputs):
         tensor_name, array, offset = _tensor(spec, i, binary, offset)
-        if tensor_name not in INPUTS[op.name]:
-            takes = ", ".join(INPUTS[op.name]) or "none (its fields are parameters)"
-            raise InvalidInput(f"{quoted(tensor_name)} is not an input of {name}; its inputs: {takes}",
-                               field=f"inputs[{i}]")
-        if tensor_name in request.tensors:
-            raise InvalidInput(f"input {quoted(tensor_name)} is given twice", field=f"inputs[{i}]")
-        request.tensors[tensor_name] = array
+        add_input(request.tensors, tensor_name, array, name, op, f"inputs[{i}]")
     if offset != len(binary):
         raise MalformedBody(f"the binary section has {len(binary)} bytes; the inputs' binary_data_size add up to "
                             f"{offset}")
@@ -206,10 +245,7 @@ def parse_infer(body: bytes, header_length: str | None, name: str, op: Operation
         request.outputs = {}
         for i, out in enumerate(wanted):
             out = _dict(out, f"outputs[{i}]")
-            out_name = out.get("name")
-            if out_name not in OUTPUTS[op.name]:
-                raise InvalidInput(f"{quoted(out_name)} is not an output of {name}; its outputs: "
-                                   f"{', '.join(OUTPUTS[op.name])}", field=f"outputs[{i}].name")
+            out_name = check_output(out.get("name"), name, op, f"outputs[{i}].name")
             out_params = _dict(out.get("parameters") or {}, f"outputs[{i}].parameters")
             request.outputs[out_name] = bool(out_params.get("binary_data", request.binary_output))
     return request, params
@@ -239,18 +275,8 @@ def render(request: InferRequest, call: Call, payload: Payload) -> Response:
     """Arrays become output tensors (those requested); scalars and names become response parameters."""
     outputs: list[dict[str, Any]] = []
     blobs: list[Any] = []
-    parameters: dict[str, Any] = {}
-    for key, value in payload.items():
-        if key in ("model", "version") or value is None:
-            continue
-        if not isinstance(value, np.ndarray):
-            parameters[key] = value
-            continue
-        if request.outputs is not None and key not in request.outputs:
-            continue
-        datatype = DATATYPES.get(value.dtype)
-        if datatype is None:
-            value, datatype = value.astype(np.float32), "FP32"
+    parameters, tensors = output_tensors(payload, request.outputs)
+    for key, datatype, value in tensors:
         binary = request.binary_output if request.outputs is None else request.outputs[key]
         tensor: dict[str, Any] = {"name": key, "datatype": datatype, "shape": list(value.shape)}
         if binary:
@@ -323,7 +349,7 @@ async def ready(state: State) -> Response:
     return _json({"ready": True})
 
 
-async def _resolve(state: AppState, name: str, version: str | None) -> tuple[LoadedModel, Operation, list[int]]:
+async def resolve(state: AppState, name: str, version: str | None) -> tuple[LoadedModel, Operation, list[int]]:
     model_name, op = split_name(name)
     repo = await state.loaded_repository()
     model = repo.get(model_name, parse_version(version))
@@ -332,25 +358,25 @@ async def _resolve(state: AppState, name: str, version: str | None) -> tuple[Loa
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs (name, datatype, shape)")
 async def model_metadata(name: str, state: State) -> Response:
-    model, op, versions = await _resolve(state, name, None)
+    model, op, versions = await resolve(state, name, None)
     return _json(metadata(model, op, versions))
 
 
 @router.get("/models/{name}/versions/{version}", summary="Model metadata for one version")
 async def version_metadata(name: str, version: str, state: State) -> Response:
-    model, op, versions = await _resolve(state, name, version)
+    model, op, versions = await resolve(state, name, version)
     return _json(metadata(model, op, versions))
 
 
 @router.get("/models/{name}/ready", summary="200 when the model is loaded")
 async def model_ready(name: str, state: State) -> Response:
-    await _resolve(state, name, None)
+    await resolve(state, name, None)
     return _json({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/versions/{version}/ready", summary="200 when that version is loaded")
 async def version_ready(name: str, version: str, state: State) -> Response:
-    await _resolve(state, name, version)
+    await resolve(state, name, version)
     return _json({"name": name, "ready": True})
 
 
