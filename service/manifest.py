@@ -76,6 +76,9 @@ CURRENT_FORMULA: dict[ScoreName, Formula] = {"elbo": "negative_elbo", "iwae": "i
 # K each score is calibrated, and served by default, with: the importance-weighted ones need samples; the
 # typicality score measured the same at K = 16 as at K = 1, so it costs one pass, as the ELBO does.
 CALIBRATED_SAMPLES: dict[ScoreName, int] = {"elbo": 1, "iwae": 64, "complexity": 64, "typicality": 1}
+# The scores a semi-supervised model also serves with the label marginalised out (no label given):
+# those in nats of -log p(x), where summing over the classes means something.
+MARGINAL_SCORES: tuple[ScoreName, ...] = ("elbo", "iwae")
 
 
 def score_asked(score: ScoreName | None, samples: int | None, default: ScoreName = "elbo") -> ScoreName:
@@ -161,6 +164,9 @@ class Manifest(Strict):
     preprocessing: Preprocessing
     feature_names: list[str] | None = None
     classes: list[Annotated[str, Field(min_length=1)]] | None = None  # a conditional model's labels, in one-hot order
+    # A semi-supervised model (conditional, with q(y|x)): its encoder graph's third output is the class
+    # probabilities [N, C]; a label may be left out, and is then inferred or marginalised.
+    semi_supervised: bool = False
     architecture: dict[str, Any]
     training: dict[str, Any]
     metrics: dict[str, Finite]
@@ -168,6 +174,8 @@ class Manifest(Strict):
     calibration: Calibration  # the default score's: the negative ELBO, K = 1
     calibrations: dict[ScoreName, Calibration] = Field(default_factory=dict)  # every other score, at its own K
     typicality: Typicality | None = None  # the typicality score's reference (image models)
+    # Semi-supervised models: MARGINAL_SCORES with the label marginalised, calibrated on unlabelled rows.
+    marginal_calibrations: dict[ScoreName, Calibration] = Field(default_factory=dict)
     files: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]]
 
     @property
@@ -185,11 +193,15 @@ class Manifest(Strict):
         models; it dominates the ELBO on the out-of-distribution benchmark, README), else elbo."""
         return "typicality" if self.calibration_for("typicality") is not None else "elbo"
 
-    def calibration_for(self, score: ScoreName) -> Calibration | None:
-        """The score's calibration, if this export has one for the formula the service computes."""
+    def calibration_for(self, score: ScoreName, marginal: bool = False) -> Calibration | None:
+        """The score's calibration, if this export has one for the formula the service computes
+        (`marginal`: with the label marginalised out, semi-supervised models)."""
         if score == "typicality" and self.typicality is None:
             return None
-        calibration = self.calibration if score == "elbo" else self.calibrations.get(score)
+        if marginal:
+            calibration = self.marginal_calibrations.get(score)
+        else:
+            calibration = self.calibration if score == "elbo" else self.calibrations.get(score)
         return calibration if calibration is not None and calibration.score == CURRENT_FORMULA[score] else None
 
     @model_validator(mode="after")
@@ -204,6 +216,10 @@ class Manifest(Strict):
             raise ValueError(f"feature_names has {len(self.feature_names)} names for {self.input_dim} features")
         if self.classes is not None and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
             raise ValueError(f"classes must name at least 2 distinct labels, got {self.classes[:10]}")
+        if self.semi_supervised and self.classes is None:
+            raise ValueError("a semi-supervised model needs classes")
+        if self.marginal_calibrations and not self.semi_supervised:
+            raise ValueError("marginal_calibrations are for semi-supervised models")
         if self.likelihood == "gaussian" and self.decoder_logvar is None:
             raise ValueError("a gaussian model needs decoder_logvar")
         if isinstance(self.decoder_logvar, list) and len(self.decoder_logvar) != self.input_dim:

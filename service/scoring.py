@@ -50,6 +50,30 @@ def with_label(rows: np.ndarray, labels: np.ndarray | None, num_classes: int, re
     return np.concatenate([rows, one_hot(labels, num_classes, repeat)], axis=1)
 
 
+def every_label(rows: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [N, ...] once per class, row i's class c at i * C + c, and those classes [N * C]: a
+    semi-supervised model's label-marginal score runs each row under every label."""
+    return np.repeat(rows, num_classes, axis=0), np.tile(np.arange(num_classes), len(rows))
+
+
+def label_marginal(values: np.ndarray, reconstruction: np.ndarray, kl: np.ndarray, num_classes: int,
+                   explained: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """Per-(row, class) scores in nats [N * C] (as `every_label` lays them out) -> the label-marginal score
+    -log sum_y p(y) exp(-score_y) per row [N], with the uniform p(y) = 1/C the model was trained with; the
+    reconstruction and KL terms (and an explanation [N * C, D]) averaged over the posterior over classes,
+    p(y | x) proportional to exp(-score_y)."""
+    s = values.reshape(-1, num_classes).astype(np.float64)
+    top = (-s).max(axis=1, keepdims=True)
+    log_sum = top[:, 0] + np.log(np.exp(-s - top).sum(axis=1))
+    weights = np.exp(-s - log_sum[:, None])
+    parts = [_finite(math.log(num_classes) - log_sum),
+             (weights * reconstruction.reshape(-1, num_classes)).sum(axis=1),
+             (weights * kl.reshape(-1, num_classes)).sum(axis=1)]
+    if explained is not None:
+        parts.append(np.einsum("nc,ncd->nd", weights, explained.reshape(len(s), num_classes, -1)))
+    return tuple(parts)
+
+
 def _per_row(eps: np.ndarray) -> np.ndarray:
     """Noise is [K, L] (shared by every row) or [N, K, L] (one draw per row)."""
     return eps[None] if eps.ndim == 2 else eps
@@ -223,17 +247,20 @@ def supports_complexity(likelihood: str, input_shape: list[int]) -> bool:
 
 def graph_passes(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
                  decoder: Callable[[np.ndarray], Sequence[np.ndarray]], x: np.ndarray, *, samples: int, seed: int,
-                 latent_dim: int, chunk_values: int = 1 << 22, labels: np.ndarray | None = None, num_classes: int = 0
-                 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+                 latent_dim: int, chunk_values: int = 1 << 22, labels: np.ndarray | None = None, num_classes: int = 0,
+                 marginal: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """(x, mean, logvar, eps, decoded) per chunk of model-space rows x [N, D], as many rows at a time as
     decode (K samples each) to at most `chunk_values` values, with the fixed noise of `seed`: the encoder
-    and decoder passes the service runs. The bound keeps a conv model's activations to a few hundred MB."""
+    and decoder passes the service runs. The bound keeps a conv model's activations to a few hundred MB.
+    `marginal`: each row under every label (`every_label`); x is then those repeated rows."""
     eps = common_noise(samples, latent_dim, seed)
-    step = max(1, chunk_values // (samples * max(1, x.shape[1])))
+    step = max(1, chunk_values // (samples * max(1, x.shape[1]) * (num_classes if marginal else 1)))
     for start in range(0, len(x), step):
         xb = x[start : start + step]
         yb = None if labels is None else labels[start : start + step]
-        mean, logvar = encoder(with_label(xb, yb, num_classes))
+        if marginal:
+            xb, yb = every_label(xb, num_classes)
+        mean, logvar, *_ = encoder(with_label(xb, yb, num_classes))
         (decoded,) = decoder(with_label(sample_latents(mean, logvar, eps), yb, num_classes, samples))
         yield xb, mean, logvar, eps, decoded
 
@@ -243,13 +270,16 @@ def score_with_graphs(encoder: Callable[[np.ndarray], Sequence[np.ndarray]],
                       samples: int, seed: int, latent_dim: int, likelihood: str,
                       decoder_logvar: float | list[float] | None, chunk_values: int = 1 << 22,
                       labels: np.ndarray | None = None, num_classes: int = 0,
-                      reference: Typicality | None = None) -> np.ndarray:
+                      reference: Typicality | None = None, marginal: bool = False) -> np.ndarray:
     """Per-row scores of model-space rows x [N, D], run through exported graphs in one thread with the
     fixed noise of `seed`: what the service serves, for callers that hold the graphs themselves
     (export's calibration, offline evaluation and vae-score). `labels`: class indices [N] for a
-    conditional model; `reference`: the typicality score's."""
-    return np.concatenate([
-        served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar, reference)[0]
-        for xb, mean, logvar, eps, decoded in graph_passes(encoder, decoder, x, samples=samples, seed=seed,
-                                                           latent_dim=latent_dim, chunk_values=chunk_values,
-                                                           labels=labels, num_classes=num_classes)])
+    conditional model; `reference`: the typicality score's; `marginal`: a semi-supervised model's
+    label-marginal score (elbo or iwae), no labels needed."""
+    parts = []
+    for xb, mean, logvar, eps, decoded in graph_passes(encoder, decoder, x, samples=samples, seed=seed,
+                                                       latent_dim=latent_dim, chunk_values=chunk_values,
+                                                       labels=labels, num_classes=num_classes, marginal=marginal):
+        part = served_score(score, xb, mean, logvar, eps, decoded, likelihood, decoder_logvar, reference)
+        parts.append(label_marginal(*part, num_classes)[0] if marginal else part[0])
+    return np.concatenate(parts)

@@ -103,7 +103,7 @@ class ServedScorer:
         k = samples or calibration.samples
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
-        mean, logvar = self.encoder(xm)
+        mean, logvar, *_ = self.encoder(xm)
         (out,) = self.decoder(sample_latents(mean, logvar, common_noise(k, m.latent_dim, calibration.seed)))
         return explanation(xm, out, k, m.likelihood, m.decoder_logvar)
 

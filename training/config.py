@@ -21,6 +21,8 @@ class ModelConfig:
     `dense` is a fully connected layer between the conv stack and the latent, on both sides (0: none).
     `num_classes` > 0 makes the VAE conditional: encoder and decoder both see the label, one-hot,
     appended to their input rows ([x | y] and [z | y]), so a label is part of the row wherever rows go.
+    `semi_supervised` adds q(y|x), a classifier over x, trained on labelled and unlabelled rows
+    (Kingma et al. 2014, M2); the label is then a latent variable where it is not given.
     """
 
     input_shape: tuple[int, ...]
@@ -33,6 +35,7 @@ class ModelConfig:
     per_feature_logvar: bool = False
     dense: int = 0
     num_classes: int = 0
+    semi_supervised: bool = False
 
     @property
     def input_dim(self) -> int:
@@ -49,6 +52,8 @@ class ModelConfig:
             raise ValueError(f"hidden sizes must be positive, got {list(self.hidden)}")
         if self.dense < 0 or self.num_classes < 0 or self.num_classes == 1:
             raise ValueError(f"dense must be >= 0 and num_classes 0 or >= 2, got {self.dense}, {self.num_classes}")
+        if self.semi_supervised and not self.conditional:
+            raise ValueError("a semi-supervised model needs num_classes >= 2")
         if self.arch == "conv" and len(self.input_shape) != 3:
             raise ValueError(f"arch 'conv' needs an image input (C, H, W), got shape {list(self.input_shape)}")
 
@@ -82,6 +87,9 @@ class TrainConfig:
     first_fit_epochs: int = 0  # epochs of that first fit; 0: a quarter of `epochs`
     binarize: Literal["none", "dynamic"] = "none"  # dynamic: x ~ Bernoulli(grey level), drawn anew every epoch
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to lr / 100 by the last epoch
+    # Semi-supervised: the weight of the labelled rows' mean cross-entropy -log q(y|x) beside the
+    # per-row negative ELBO (README: Semi-supervised models, how it was chosen).
+    classify_weight: float = 5.0
 
     def first_fit(self) -> TrainConfig:
         """The config of a refit's first fit: short, since a network fits the bulk of the data before its

@@ -63,20 +63,66 @@ class Dataset:
     def input_dim(self) -> int:
         return math.prod(self.input_shape)
 
-    def with_classes(self) -> Dataset:
-        """The labels as class indices, for a conditional model; classes are named as the data names them."""
+    def with_classes(self, semi_supervised: bool = False, labelled_per_class: int | None = None,
+                     seed: int = 0) -> Dataset:
+        """The labels as class indices, for a conditional model; classes are named as the data names them.
+
+        `semi_supervised`: rows whose label is empty, NaN or -1 (UNLABELLED) are unlabelled, index -1;
+        `labelled_per_class` N keeps N labels per class among the training rows (a seeded draw) and hides
+        the rest, for experiments. Validation labels are kept, for the accuracy a run reports; training
+        never reads them."""
         if self.y_train is None or self.y_val is None:
             raise DataError(f"{self.source}: a conditional model needs labels (for csv: --label-column; "
                             "for npy: --labels FILE)")
-        classes = class_names(self.y_train)
+        if labelled_per_class is not None and not semi_supervised:
+            raise DataError("--labelled-per-class hides labels for a semi-supervised model; add --semi-supervised")
+        known_train = labelled(self.y_train) if semi_supervised else np.ones(len(self.y_train), dtype=bool)
+        known_val = labelled(self.y_val) if semi_supervised else np.ones(len(self.y_val), dtype=bool)
+        if not known_train.any():
+            raise DataError(f"{self.source}: no training row has a label; a semi-supervised model needs a few "
+                            "per class")
+        classes = class_names(np.concatenate([self.y_train[known_train], self.y_val[known_val]]))
         index = {name: i for i, name in enumerate(classes)}
-        unknown = sorted({str(v) for v in self.y_val} - set(index))
-        if unknown:
+
+        def codes(y: np.ndarray, known: np.ndarray) -> np.ndarray:
+            return np.array([index[str(v)] if k else -1 for v, k in zip(y, known, strict=True)], dtype=np.int64)
+
+        train, val = codes(self.y_train, known_train), codes(self.y_val, known_val)
+        if semi_supervised:
+            if labelled_per_class is not None:
+                train = keep_per_class(train, labelled_per_class, len(classes), seed)
+            missing = [classes[c] for c in range(len(classes)) if not (train == c).any()]
+            if missing:
+                raise DataError(f"{self.source}: classes {missing[:5]} have no labelled training row; a "
+                                "semi-supervised model learns each class from at least one")
+        elif set(val.tolist()) - set(train.tolist()):
+            unknown = sorted({classes[c] for c in set(val.tolist()) - set(train.tolist())})
             raise DataError(f"{self.source}: validation rows have labels the training rows lack: {unknown[:5]}")
         self.classes = classes
-        self.label_index_train = np.array([index[str(v)] for v in self.y_train], dtype=np.int64)
-        self.label_index_val = np.array([index[str(v)] for v in self.y_val], dtype=np.int64)
+        self.label_index_train, self.label_index_val = train, val
         return self
+
+
+# Label cells that mark a row as unlabelled for a semi-supervised model.
+UNLABELLED = frozenset({"", "-1", "-1.0", "nan", "NaN", "None", "null"})
+
+
+def labelled(y: np.ndarray) -> np.ndarray:
+    """Which labels are given (not UNLABELLED), bool [N]."""
+    return np.array([str(v).strip() not in UNLABELLED for v in y], dtype=bool)
+
+
+def keep_per_class(index: np.ndarray, per_class: int, num_classes: int, seed: int) -> np.ndarray:
+    """Class indices [N] with all but `per_class` labels of each class (a seeded draw) set to -1."""
+    if per_class < 1:
+        raise DataError(f"--labelled-per-class must be >= 1, got {per_class}")
+    rng = np.random.default_rng(seed)
+    out = np.full_like(index, -1)
+    for c in range(num_classes):
+        rows = np.flatnonzero(index == c)
+        keep = rng.choice(rows, min(per_class, len(rows)), replace=False)
+        out[keep] = c
+    return out
 
 
 def class_names(y: np.ndarray) -> list[str]:

@@ -76,7 +76,7 @@ def evaluate(model_dir: Path, *, dataset: str | None = None, data: str | None = 
     for start in tqdm(range(0, len(x), chunk), desc=f"scoring {split} (K={samples})", disable=not progress or None,
                       unit="chunk"):
         xb = x[start : start + chunk]
-        mean, logvar = encoder(xb)
+        mean, logvar, *_ = encoder(xb)
         eps = rng.standard_normal((len(xb), samples, manifest.latent_dim)).astype(np.float32)
         out = decoder(sample_latents(mean, logvar, eps))[0]
         s, r, k = scores(xb, mean, logvar, eps, out, manifest.likelihood, manifest.decoder_logvar)
@@ -137,7 +137,7 @@ def evaluate_conditional(encoder: Any, decoder: Any, x: np.ndarray, labels: np.n
         yb = labels[start : start + chunk]
         n = len(xb)
         every = np.repeat(np.arange(n_classes)[None], n, axis=0).ravel()  # row i, class c at i * C + c
-        mean, logvar = encoder(with_label(np.repeat(xb, n_classes, axis=0), every, n_classes))
+        mean, logvar, *_ = encoder(with_label(np.repeat(xb, n_classes, axis=0), every, n_classes))
         mean, logvar = mean.reshape(n, n_classes, -1), logvar.reshape(n, n_classes, -1)
 
         pilot_rows = np.repeat(np.arange(n), n_classes * PILOT_SAMPLES)

@@ -29,6 +29,7 @@ from service.manifest import (
     ENCODER_TS,
     GRAPH_FILES,
     MANIFEST_FILE,
+    MARGINAL_SCORES,
     NAME_PATTERN,
     PARITY_TOLERANCE,
     SCHEMA_VERSION,
@@ -127,7 +128,7 @@ def check_parity(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray 
         "decoder": {"validation": _labelled(val_latents, y_val, c),
                     "random": _labelled(rng.standard_normal((64, cfg.latent_dim)).astype(np.float32), random_y, c)},
     }
-    eager = {"encoder": model.encoder, "decoder": model.output_head()}
+    eager = {"encoder": model.exported_encoder(), "decoder": model.output_head()}
     checks = []
     for (graph_name, runtime), file in GRAPH_FILES.items():
         graph = load_graph(folder / file, runtime)
@@ -156,12 +157,15 @@ def _graph_args(folder: Path, model: VAE) -> dict[str, Any]:
 
 
 def calibrate(folder: Path, model: VAE, x_val: np.ndarray, score: ScoreName = "elbo", samples: int = 1,
-              y_val: np.ndarray | None = None, reference: Typicality | None = None) -> Calibration:
+              y_val: np.ndarray | None = None, reference: Typicality | None = None,
+              marginal: bool = False) -> Calibration:
     """Quantiles of held-out rows' scores, computed with the exported ONNX graphs the service runs,
-    with the same fixed noise the service scores with (a conditional model: with the rows' labels)."""
+    with the same fixed noise the service scores with (a conditional model: with the rows' labels;
+    `marginal`: a semi-supervised model's label-marginal score, labels unused)."""
     values_all = score_with_graphs(**_graph_args(folder, model), x=x_val, score=score, samples=samples,
                                    seed=CALIBRATION_SEED, likelihood=model.cfg.likelihood,
-                                   decoder_logvar=decoder_logvar(model), labels=y_val, reference=reference)
+                                   decoder_logvar=decoder_logvar(model), labels=None if marginal else y_val,
+                                   reference=reference, marginal=marginal)
     values = np.maximum.accumulate(np.quantile(values_all, CALIBRATION_LEVELS))
     return Calibration(score=CURRENT_FORMULA[score],
                        samples=samples, seed=CALIBRATION_SEED, n_rows=len(values_all),
@@ -216,6 +220,30 @@ def calibrate_all(folder: Path, model: VAE, x_val: np.ndarray, y_val: np.ndarray
     return calibrate(folder, model, x_val, y_val=y_val), others, reference
 
 
+def marginal_calibrations(folder: Path, model: VAE, x_val: np.ndarray,
+                          report: Callable[[str], None] | None = None) -> dict[ScoreName, Calibration]:
+    """A semi-supervised model's label-marginal scores, calibrated on the held-out rows without their labels."""
+    if not model.cfg.semi_supervised:
+        return {}
+    say = report or (lambda _: None)
+    out: dict[ScoreName, Calibration] = {}
+    for score in MARGINAL_SCORES:
+        k = CALIBRATED_SAMPLES[score]
+        say(f"calibrating the label-marginal {score} score on {len(x_val)} held-out rows (K={k})")
+        out[score] = calibrate(folder, model, x_val, score, k, marginal=True)
+    return out
+
+
+def with_inferred_labels(model: VAE, x: np.ndarray, labels: np.ndarray | None) -> np.ndarray | None:
+    """Class indices with a semi-supervised model's unlabelled rows (-1) given q(y|x)'s most likely class:
+    what the service infers for a row sent without a label."""
+    if labels is None or not model.cfg.semi_supervised or (labels >= 0).all():
+        return labels
+    with torch.no_grad():
+        guess = model.classifier(torch.from_numpy(x)).argmax(dim=1).numpy()
+    return np.where(labels >= 0, labels, guess)
+
+
 def claim_new_model(output: Path, base: str) -> Path:
     """Create `output/<base>` (or `<base>-2`, `-3`, ... when taken) and return it: a model of its own.
 
@@ -251,11 +279,13 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=output))  # "." folders are never served
     try:
         x_val = data.preprocessing.apply(data.x_val)
-        y_val = data.label_index_val if model.cfg.conditional else None
+        semi = model.cfg.semi_supervised
+        y_val = with_inferred_labels(model, x_val, data.label_index_val if model.cfg.conditional else None)
         c = model.cfg.num_classes
         example = torch.from_numpy(_labelled(x_val[:8], y_val, c))
         say("exporting the encoder and decoder to TorchScript and ONNX")
-        _export_graph(model.encoder, example, work, ENCODER_TS, ENCODER_ONNX, "x", ["mean", "logvar"])
+        _export_graph(model.exported_encoder(), example, work, ENCODER_TS, ENCODER_ONNX, "x",
+                      ["mean", "logvar", *(["probabilities"] if semi else [])])
         with torch.no_grad():
             z_example = torch.from_numpy(_labelled(model.encoder(example)[0].numpy(), y_val, c))
         _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
@@ -265,7 +295,9 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
         keep = typicality_rows(len(data.x_train))
         x_fit = data.preprocessing.apply(data.x_train[keep])
         y_fit = data.label_index_train[keep] if model.cfg.conditional and data.label_index_train is not None else None
+        y_fit = with_inferred_labels(model, x_fit, y_fit)
         calibration, calibrations, typicality = calibrate_all(work, model, x_val, y_val, x_fit, y_fit, report=say)
+        marginal = marginal_calibrations(work, model, x_val, report=say)
         files = {f.name: sha256_of(f) for f in sorted(work.iterdir()) if f.is_file()}
         for f in work.iterdir():  # mkdtemp made these private; a model folder is read by other users
             f.chmod(0o644)
@@ -282,9 +314,10 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
                 "latent_dim": cfg.latent_dim, "likelihood": cfg.likelihood,
                 "decoder_logvar": decoder_logvar(model),
                 "preprocessing": data.preprocessing.to_dict(), "feature_names": data.feature_names,
-                "classes": data.classes if model.cfg.conditional else None,
+                "classes": data.classes if model.cfg.conditional else None, "semi_supervised": semi,
                 "architecture": cfg.to_dict(), "training": training, "metrics": metrics, "parity": parity,
-                "calibration": calibration, "calibrations": calibrations, "typicality": typicality, "files": files,
+                "calibration": calibration, "calibrations": calibrations, "typicality": typicality,
+                "marginal_calibrations": marginal, "files": files,
             })
             (work / MANIFEST_FILE).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
             if key is not None:

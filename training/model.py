@@ -6,6 +6,7 @@ service only ever handles 2-D arrays. No randomness inside a graph: noise is dra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +31,16 @@ def _conv_sizes(size: int, n_layers: int) -> list[int]:
     return sizes
 
 
-class Encoder(nn.Module):
-    """x [N, D] (conditional: [x | one-hot y], [N, D + C]) -> (mean [N, L], logvar [N, L])."""
+class _Features(nn.Module):
+    """The encoder's layers up to its output: x [N, D] (with a label: [N, D + label_width]) -> [N, features]."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, label_width: int):
         super().__init__()
         self.input_shape = cfg.input_shape
         self.input_dim = cfg.input_dim
         self.is_conv = cfg.arch == "conv"
         if not self.is_conv:
-            self.body: nn.Module = _mlp([cfg.input_dim + cfg.num_classes, *cfg.hidden])
+            self.body: nn.Module = _mlp([cfg.input_dim + label_width, *cfg.hidden])
             self.head: nn.Module = nn.Identity()
             features = cfg.hidden[-1]
         else:
@@ -51,20 +52,58 @@ class Encoder(nn.Module):
             self.body = nn.Sequential(*layers)
             h = _conv_sizes(height, len(cfg.hidden))[-1]
             w = _conv_sizes(width, len(cfg.hidden))[-1]
-            features = cfg.hidden[-1] * h * w + cfg.num_classes  # the label joins after the convolutions
+            features = cfg.hidden[-1] * h * w + label_width  # the label joins after the convolutions
             self.head = nn.Sequential(nn.Linear(features, cfg.dense), nn.ReLU()) if cfg.dense else nn.Identity()
             features = cfg.dense or features
-        self.mean = nn.Linear(features, cfg.latent_dim)
-        self.logvar = nn.Linear(features, cfg.latent_dim)
+        self.features = features
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
         if self.is_conv:
             image, label = x[:, : self.input_dim], x[:, self.input_dim :]
             h = self.body(image.reshape((-1, *self.input_shape)))  # [N, C, H, W] -> [N, F]
-            h = self.head(torch.cat([h, label], dim=1))
-        else:
-            h = self.body(x)
+            return self.head(torch.cat([h, label], dim=1))
+        return self.body(x)
+
+
+class Encoder(_Features):
+    """x [N, D] (conditional: [x | one-hot y], [N, D + C]) -> (mean [N, L], logvar [N, L])."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, cfg.num_classes)
+        self.mean = nn.Linear(self.features, cfg.latent_dim)
+        self.logvar = nn.Linear(self.features, cfg.latent_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.hidden(x)
         return self.mean(h), self.logvar(h)
+
+
+class Classifier(_Features):
+    """q(y|x) of a semi-supervised VAE (Kingma et al. 2014, M2): the encoder's architecture over x alone,
+    x [N, D] -> class logits [N, C]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, label_width=0)
+        self.logits = nn.Linear(self.features, cfg.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.hidden(x))
+
+
+class SemiSupervisedEncoder(nn.Module):
+    """The exported encoder of a semi-supervised VAE: [x | one-hot y] [N, D + C] -> (mean, logvar, q(y|x)
+    [N, C]). The class probabilities read x alone, so a caller without a label sends any one-hot (zeros)
+    and reads them, then encodes again with the label they give."""
+
+    def __init__(self, encoder: Encoder, classifier: Classifier):
+        super().__init__()
+        self.encoder = encoder
+        self.classifier = classifier
+        self.input_dim = encoder.input_dim
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder(x)
+        return mean, logvar, torch.softmax(self.classifier(x[:, : self.input_dim]), dim=1)
 
 
 class Decoder(nn.Module):
@@ -141,6 +180,8 @@ class VAE(nn.Module):
             self.decoder_logvar = nn.Parameter(logvar)
         else:
             self.register_buffer("decoder_logvar", logvar)
+        if cfg.semi_supervised:
+            self.classifier = Classifier(cfg)
 
     def one_hot(self, y: torch.Tensor | None, n: int) -> torch.Tensor:
         """Class indices [N] -> the one-hot [N, C] the graphs take; [N, 0] for an unconditional model."""
@@ -179,3 +220,26 @@ class VAE(nn.Module):
 
     def output_head(self) -> OutputHead:
         return OutputHead(self.decoder, self.cfg.likelihood)
+
+    def exported_encoder(self) -> nn.Module:
+        """What the encoder graph computes: (mean, logvar), and q(y|x) for a semi-supervised model."""
+        return SemiSupervisedEncoder(self.encoder, self.classifier) if self.cfg.semi_supervised else self.encoder
+
+    def label_terms(self, x: torch.Tensor, beta: float = 1.0,
+                    generator: torch.Generator | None = None) -> tuple[ELBO, torch.Tensor]:
+        """Every class's ELBO terms given that class, [N, C] each (the loss includes the uniform prior's
+        -log p(y) = log C), and log q(y|x) [N, C]: the parts of a semi-supervised model's unlabelled loss."""
+        n, c = len(x), self.cfg.num_classes
+        labels = torch.arange(c, device=x.device).repeat(n)
+        e = self.elbo(x.repeat_interleave(c, dim=0), beta, generator, labels)
+        per_class = ELBO(e.loss.view(n, c) + math.log(c), e.reconstruction.view(n, c), e.kl.view(n, c))
+        return per_class, torch.log_softmax(self.classifier(x), dim=1)
+
+    def unlabelled_loss(self, x: torch.Tensor, beta: float = 1.0,
+                        generator: torch.Generator | None = None) -> ELBO:
+        """M2's bound on -log p(x) with the label unobserved, per row [N]: E_q(y|x)[-log p(x, y) bound] - H(q),
+        with the reconstruction and KL terms averaged over q(y|x) likewise."""
+        per_class, log_q = self.label_terms(x, beta, generator)
+        q = log_q.exp()
+        return ELBO(loss=(q * (per_class.loss + log_q)).sum(dim=1),
+                    reconstruction=(q * per_class.reconstruction).sum(dim=1), kl=(q * per_class.kl).sum(dim=1))

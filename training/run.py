@@ -35,6 +35,11 @@ DEFAULT_BATCH_SIZE = 128
 MIN_STEPS_PER_EPOCH = 8
 TABLE_DEFAULTS: dict[str, Any] = {"epochs": 20, "trim": 0.1, "refit": 0.1, "beta": 4.0, "per_feature_logvar": True,
                                   "hidden": (128, 64), "latent_dim": 16}
+# A semi-supervised image model (chosen on digits with 5 labels per class, seeds 0-3; README): a small latent
+# leaves the class to y, where the decoder must use it, and its classifier needs many more steps than a
+# VAE needs to fit the digits.
+SEMI_SUPERVISED_IMAGE_DEFAULTS: dict[str, Any] = {**IMAGE_DEFAULTS, "epochs": 200, "hidden": (512,), "latent_dim": 4,
+                                                  "lr_schedule": "cosine"}
 
 
 def default_batch_size(train_rows: int) -> int:
@@ -60,7 +65,7 @@ def default_name(args: argparse.Namespace) -> str:
         base = re.sub(r"[^A-Za-z0-9_.-]+", "-", path.stem).lstrip("_.-")[:56]
         if base:
             return base
-    return args.dataset + ("-conditional" if args.conditional else "")
+    return args.dataset + ("-semi-supervised" if args.semi_supervised else "-conditional" if args.conditional else "")
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -109,6 +114,13 @@ def train_parser() -> argparse.ArgumentParser:
     d.add_argument("--conditional", action="store_true",
                    help="a conditional VAE: encoder and decoder see the label (digits and mnist use their own "
                         "labels; csv/npy take --label-column / --labels); the service then takes `label`")
+    d.add_argument("--semi-supervised", action="store_true",
+                   help="a semi-supervised VAE (M2): a conditional VAE whose label is a latent variable where it "
+                        "is not given, with a classifier q(y|x); rows whose label is empty, NaN or -1 are "
+                        "unlabelled. The service then answers /classify and takes `label` optionally")
+    d.add_argument("--labelled-per-class", type=_positive(int), metavar="N",
+                   help="with --semi-supervised: keep N labels per class among the training rows and hide the "
+                        "rest (validation labels only measure the accuracy printed per epoch)")
     d.add_argument("--binarize", choices=("none", "dynamic"), default="none",
                    help="dynamic: train on x ~ Bernoulli(grey level), drawn anew every epoch (Bernoulli images)")
     d.add_argument("--val-fraction", type=float, default=0.15,
@@ -117,10 +129,11 @@ def train_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", choices=("mlp", "conv"), default="mlp",
                    help="mlp: fully connected layers (--hidden widths); conv: convolutions (--hidden channels), "
                         "for image datasets")
-    m.add_argument("--latent-dim", type=_positive(int), help="[default: 8 for images, 16 for csv/npy]")
+    m.add_argument("--latent-dim", type=_positive(int),
+                   help="[default: 8 for images (semi-supervised: 4), 16 for csv/npy]")
     m.add_argument("--hidden", type=_hidden,
                    help="MLP layer widths, or conv channel counts, comma-separated (e.g. 400 or 32,64) "
-                        "[default: 128 for images, 128,64 for csv/npy]")
+                        "[default: 128 for images (semi-supervised: 512), 128,64 for csv/npy]")
     m.add_argument("--dense", type=int, default=0, metavar="WIDTH",
                    help="conv: a fully connected layer of this width between the convolutions and the latent")
     m.add_argument("--likelihood", choices=("bernoulli", "gaussian"),
@@ -131,7 +144,8 @@ def train_parser() -> argparse.ArgumentParser:
     m.add_argument("--fixed-logvar", type=float, metavar="V",
                    help="Gaussian decoder: fix the shared log-variance at V instead of learning it")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_positive(int), help="[default: 30 for images, 20 for csv/npy]")
+    t.add_argument("--epochs", type=_positive(int),
+                   help="[default: 30 for images (semi-supervised: 200), 20 for csv/npy]")
     t.add_argument("--trim", type=float, metavar="SHARE",
                    help="leave each batch's highest-loss share of rows out of the step, for training data that "
                         "holds anomalies [default: 0 for images, 0.1 for csv/npy]")
@@ -147,10 +161,14 @@ def train_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_BATCH_SIZE * MIN_STEPS_PER_EPOCH} training rows, a size that still gives "
                         f"{MIN_STEPS_PER_EPOCH} steps per epoch]")
     t.add_argument("--lr", type=_positive(float), default=1e-3, help="Adam's learning rate")
-    t.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                   help="cosine: decay the learning rate to lr/100 by the last epoch")
+    t.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="cosine: decay the learning rate to lr/100 by the last epoch [default: constant; "
+                        "semi-supervised images: cosine]")
     t.add_argument("--beta", type=float, help="weight of the KL term [default: 1 for images, 4 for csv/npy]")
     t.add_argument("--warmup-epochs", type=int, default=0, help="anneal beta from 0 over this many epochs")
+    t.add_argument("--classify-weight", type=_positive(float), default=TrainConfig.classify_weight,
+                   help="semi-supervised: weight of the labelled rows' mean cross-entropy beside the per-row "
+                        "negative ELBO")
     t.add_argument("--seed", type=int, default=0, help="seeds the split, the initialisation and the noise")
     t.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="where to train; auto: CUDA when there is a GPU (the export runs on the CPU either way)")
@@ -179,8 +197,13 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     data = load_dataset(args.dataset, args.data, likelihood=likelihood, seed=args.seed,
                         val_fraction=args.val_fraction, label_column=args.label_column,
                         min_rows=args.batch_size or 1, labels=args.labels, drop=left_out(args), header=args.header)
-    if args.conditional:
-        data.with_classes()
+    if args.conditional or args.semi_supervised:
+        data.with_classes(args.semi_supervised, args.labelled_per_class, args.seed)
+    elif args.labelled_per_class is not None:
+        raise DataError("--labelled-per-class hides labels for a semi-supervised model; add --semi-supervised")
+    if args.semi_supervised and (args.trim or args.refit):
+        raise DataError("--trim and --refit leave out rows a model fits worst; a semi-supervised model learns "
+                        "from every row (leave both out)")
     if args.binarize == "dynamic" and likelihood != "bernoulli":
         raise DataError("--binarize dynamic draws Bernoulli pixels; it needs --likelihood bernoulli")
     if args.dense and args.arch != "conv":
@@ -188,7 +211,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     input_shape = data.input_shape  # kept even for an MLP, so callers may send shaped rows
     if args.arch == "conv" and len(data.input_shape) != 3:
         raise DataError(f"--arch conv needs image data; {args.dataset} rows are flat {list(data.input_shape)}")
-    defaults = IMAGE_DEFAULTS if args.dataset in IMAGE_DATASETS else TABLE_DEFAULTS
+    defaults = TABLE_DEFAULTS if args.dataset not in IMAGE_DATASETS else (
+        SEMI_SUPERVISED_IMAGE_DEFAULTS if args.semi_supervised else IMAGE_DEFAULTS)
     args.hidden = args.hidden or defaults["hidden"]
     args.latent_dim = args.latent_dim or defaults["latent_dim"]
     per_feature = defaults["per_feature_logvar"] if args.per_feature_logvar is None else args.per_feature_logvar
@@ -198,10 +222,10 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         learn_logvar=args.fixed_logvar is None,
         decoder_logvar=args.fixed_logvar if args.fixed_logvar is not None else 0.0,
         per_feature_logvar=bool(per_feature) and likelihood == "gaussian",
-        dense=max(0, args.dense), num_classes=len(data.classes or ()),
+        dense=max(0, args.dense), num_classes=len(data.classes or ()), semi_supervised=args.semi_supervised,
     )
-    trim = float(defaults["trim"] if args.trim is None else args.trim)
-    refit = float(defaults["refit"] if args.refit is None else args.refit)
+    trim = 0.0 if args.semi_supervised else float(defaults["trim"] if args.trim is None else args.trim)
+    refit = 0.0 if args.semi_supervised else float(defaults["refit"] if args.refit is None else args.refit)
     beta = float(defaults["beta"] if args.beta is None else args.beta)
     if beta < 0:
         raise DataError(f"--beta must be >= 0, got {beta}")
@@ -215,7 +239,9 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     cfg = TrainConfig(epochs=args.epochs or int(defaults["epochs"]), first_fit_epochs=args.first_fit_epochs or 0,
                       trim=trim, refit=refit, batch_size=batch_size,
                       lr=args.lr, beta=beta, warmup_epochs=args.warmup_epochs, seed=args.seed,
-                      val_fraction=args.val_fraction, binarize=args.binarize, lr_schedule=args.lr_schedule)
+                      val_fraction=args.val_fraction, binarize=args.binarize,
+                      lr_schedule=args.lr_schedule or defaults.get("lr_schedule", "constant"),
+                      classify_weight=args.classify_weight)
     name = args.name or default_name(args)
     device = resolve_device(args.device)
     checkpoint = args.checkpoint or Path("runs") / name / "checkpoint.pt"
@@ -240,6 +266,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         "config": asdict(cfg),
         "data": {"dataset": args.dataset, "path": args.data, "seed": args.seed, "val_fraction": args.val_fraction,
                  "label_column": args.label_column, "labels": args.labels, "conditional": args.conditional,
+                 "semi_supervised": args.semi_supervised, "labelled_per_class": args.labelled_per_class,
                  "left_out": list(left_out(args)), "header": args.header,
                  "binarize": args.binarize, "train_rows": len(data.x_train), "val_rows": len(data.x_val)},
         "refit": refitted,
@@ -253,6 +280,8 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     }
     metrics = {"val_neg_elbo": best.val_loss, "val_reconstruction": best.val_reconstruction,
                "val_kl": best.val_kl, "train_neg_elbo": best.train_loss}
+    if best.val_accuracy is not None:
+        metrics["val_accuracy"] = best.val_accuracy
     folder, manifest = export_model(result.model, data, name=name, output=args.output, training=training,
                                     metrics=metrics, sign=args.sign, new_model=args.name is None,
                                     report=lambda line: print(line, flush=True))

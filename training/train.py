@@ -27,6 +27,11 @@ class EpochStats:
     val_reconstruction: float
     val_kl: float
     seconds: float
+    # Semi-supervised runs: the labelled and unlabelled rows' mean loss terms, and q(y|x)'s accuracy on the
+    # validation rows that have labels (None when none do). Their val_loss is the label-marginal bound.
+    labelled_loss: float | None = None
+    unlabelled_loss: float | None = None
+    val_accuracy: float | None = None
 
 
 @dataclass
@@ -57,10 +62,30 @@ def elbo_rows(model: VAE, x: torch.Tensor, seed: int = 0, y: torch.Tensor | None
     return ELBO(*(torch.cat([getattr(p, term) for p in parts]) for term in ("loss", "reconstruction", "kl")))
 
 
+@torch.no_grad()
+def unlabelled_rows(model: VAE, x: torch.Tensor, seed: int = 0, batch_size: int = 256) -> ELBO:
+    """A semi-supervised model's label-marginal bound per row, and its terms (`VAE.unlabelled_loss`)."""
+    model.eval()
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    parts = [model.unlabelled_loss(x[i : i + batch_size], generator=gen) for i in range(0, len(x), batch_size)]
+    return ELBO(*(torch.cat([getattr(p, term) for p in parts]) for term in ("loss", "reconstruction", "kl")))
+
+
+@torch.no_grad()
+def accuracy(model: VAE, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """q(y|x)'s accuracy on the rows with labels (y >= 0); None when none has one."""
+    known = y >= 0
+    if not bool(known.any()):
+        return None
+    model.eval()
+    return (model.classifier(x[known]).argmax(dim=1) == y[known]).double().mean().item()
+
+
 def evaluate_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1024, seed: int = 0,
                   y: torch.Tensor | None = None) -> dict[str, float]:
-    """Mean negative ELBO (beta = 1) and its terms over rows x, nats per example; noise seeded."""
-    e = elbo_rows(model, x, seed, y, batch_size)
+    """Mean negative ELBO (beta = 1) and its terms over rows x, nats per example; noise seeded. A
+    semi-supervised model's is the label-marginal bound: validation labels are not read."""
+    e = unlabelled_rows(model, x, seed) if model.cfg.semi_supervised else elbo_rows(model, x, seed, y, batch_size)
     return {"loss": e.loss.double().mean().item(), "reconstruction": e.reconstruction.double().mean().item(),
             "kl": e.kl.double().mean().item()}
 
@@ -103,7 +128,14 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
         start_epoch, elapsed = state["epoch"], state["seconds"]
         tqdm.write(f"resumed from {checkpoint} after epoch {start_epoch}")
 
-    n = len(x_train)
+    semi = model_cfg.semi_supervised
+    # Semi-supervised: each step takes a batch of the unlabelled rows and one of the labelled rows, so the
+    # few labels are seen every step (Kingma et al. 2014 draw the two kinds apart likewise).
+    steps_over = torch.nonzero(y_train < 0).flatten() if semi and y_train is not None else None
+    labelled_rows = torch.nonzero(y_train >= 0).flatten() if semi and y_train is not None else None
+    if steps_over is not None and len(steps_over) == 0:
+        steps_over = labelled_rows
+    n = len(x_train) if steps_over is None else len(steps_over)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         beta = cfg.beta_at(epoch)
@@ -112,9 +144,12 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
         # Shuffling and noise are seeded per epoch, so a resumed run repeats an uninterrupted one.
         gen = torch.Generator(device=device).manual_seed(cfg.seed * 100_003 + epoch)
         order = torch.randperm(n, generator=gen, device=device)
+        if steps_over is not None:
+            order = steps_over[order]
         n_batches = n // cfg.batch_size + (1 if n % cfg.batch_size else 0)
         model.train()
         total = 0.0
+        terms = {"labelled": 0.0, "unlabelled": 0.0}
         bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not progress or None, unit="batch")  # None: no bar off a terminal (logs, CI)
         for b in bar:
@@ -122,11 +157,18 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
             xb = x_train[rows]
             if cfg.binarize == "dynamic":
                 xb = torch.bernoulli(xb.clamp(0, 1), generator=gen)
-            losses = model.elbo(xb, beta=beta, generator=gen, y=None if y_train is None else y_train[rows]).loss
-            if cfg.trim > 0:  # a trimmed mean: the rows the model fits worst (likely anomalies) do not pull it
-                keep = max(1, math.ceil(len(losses) * (1.0 - cfg.trim)))
-                losses = torch.topk(losses, keep, largest=False, sorted=False).values
-            loss = losses.mean()
+            if semi:
+                assert y_train is not None and labelled_rows is not None
+                loss, parts = _semi_supervised_loss(model, x_train, y_train, xb, rows, labelled_rows, b, cfg,
+                                                    beta, gen)
+                for k, v in parts.items():
+                    terms[k] += v * len(xb)
+            else:
+                losses = model.elbo(xb, beta=beta, generator=gen, y=None if y_train is None else y_train[rows]).loss
+                if cfg.trim > 0:  # a trimmed mean: the rows the model fits worst (likely anomalies) do not pull it
+                    keep = max(1, math.ceil(len(losses) * (1.0 - cfg.trim)))
+                    losses = torch.topk(losses, keep, largest=False, sorted=False).values
+                loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -137,13 +179,20 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
         seconds = time.perf_counter() - t0
         elapsed += seconds
         stats = EpochStats(epoch + 1, beta, total / n, val["loss"], val["reconstruction"], val["kl"], seconds)
+        if semi:
+            assert y_val is not None
+            stats = replace(stats, labelled_loss=terms["labelled"] / n, unlabelled_loss=terms["unlabelled"] / n,
+                            val_accuracy=accuracy(model, x_val, y_val))
         history.append(stats)
         improved = val["loss"] < best_val
         if improved:
             best_val, best_epoch = val["loss"], epoch + 1
             best_state = copy.deepcopy(model.state_dict())
+        semi_line = "" if not semi else (
+            f"  labelled {stats.labelled_loss:8.3f}  unlabelled {stats.unlabelled_loss:8.3f}"
+            + ("" if stats.val_accuracy is None else f"  val accuracy {stats.val_accuracy:.1%}"))
         tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  beta {beta:.3f}  train -ELBO {stats.train_loss:9.3f}  "
-                   f"val -ELBO {stats.val_loss:9.3f} nats  ({seconds:.2f}s){'  *' if improved else ''}")
+                   f"val -ELBO {stats.val_loss:9.3f} nats{semi_line}  ({seconds:.2f}s){'  *' if improved else ''}")
         if checkpoint is not None:
             _save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
@@ -155,6 +204,30 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
     model.eval()
     return TrainResult(model=model, history=history, best_epoch=best_epoch, best_val_loss=best_val,
                        train_seconds=elapsed)
+
+
+def _semi_supervised_loss(model: VAE, x_train: torch.Tensor, y_train: torch.Tensor, xb: torch.Tensor,
+                          rows: torch.Tensor, labelled_rows: torch.Tensor, step: int, cfg: TrainConfig, beta: float,
+                          gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One step's M2 objective, per training row: the labelled rows' -ELBO given their label and the
+    unlabelled rows' label-marginal bound, each weighted by its share of the training rows, plus
+    `classify_weight` times the labelled rows' mean -log q(y|x) (the term that trains the classifier on
+    the labels; Hughes et al. 2018 show it needs a weight well above Kingma's 0.1 to classify well).
+    `xb`/`rows` are the step's rows (unlabelled, or labelled when every row is); the labelled batch
+    cycles through the labelled rows, `cfg.batch_size` at a time."""
+    n_train, n_labelled = len(x_train), len(labelled_rows)
+    size = min(cfg.batch_size, n_labelled)
+    start = (step * size) % n_labelled
+    pick = labelled_rows[(torch.arange(size, device=x_train.device) + start) % n_labelled]
+    xl, yl = x_train[pick], y_train[pick]
+    if cfg.binarize == "dynamic":
+        xl = torch.bernoulli(xl.clamp(0, 1), generator=gen)
+    labelled = model.elbo(xl, beta=beta, generator=gen, y=yl).loss.mean() + math.log(model.cfg.num_classes)
+    cross_entropy = torch.nn.functional.cross_entropy(model.classifier(xl), yl)
+    n_unlabelled = n_train - n_labelled
+    unlabelled = model.unlabelled_loss(xb, beta, gen).loss.mean() if n_unlabelled else torch.zeros(())
+    loss = (n_labelled * labelled + n_unlabelled * unlabelled) / n_train + cfg.classify_weight * cross_entropy
+    return loss, {"labelled": labelled.item(), "unlabelled": unlabelled.item()}
 
 
 def without_worst(model: VAE, data: Dataset, share: float, seed: int, device: torch.device) -> tuple[Dataset, dict]:
