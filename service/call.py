@@ -29,9 +29,10 @@ class Call:
     arrow: bool = False  # answer an Arrow IPC stream (native protocol)
     gone: Callable[[], Awaitable[bool]] | None = None  # whether the client has closed its connection
 
-    def labels(self, n: int) -> np.ndarray | None:
+    def labels(self, n: int, inferred: bool = False) -> np.ndarray | None:
         """Class indices [n] from `label` (one for all rows, or one per row) or `labels` (one per row);
-        None for an unconditional model. A 422 names whatever does not fit the model."""
+        None for an unconditional model, and for a semi-supervised one given none where the operation
+        infers or marginalises the label (`inferred`). A 422 names whatever does not fit the model."""
         label = getattr(self.params, "label", None)
         per_row = getattr(self.params, "labels", None)
         field = "labels" if per_row is not None else "label"
@@ -44,8 +45,12 @@ class Call:
                 raise InvalidInput(f"model {model.name} v{model.version} is not conditional; it takes no {field}",
                                    field=field)
             return None
+        if given is None and inferred and model.semi_supervised:
+            return None
         if given is None:
-            raise InvalidInput(f"model {model.name} v{model.version} is conditional: give label (one of "
+            inferable = (" (a semi-supervised model infers it for /encode, /reconstruct, /sample and "
+                         "/anomaly-score, not here)" if model.semi_supervised else "")
+            raise InvalidInput(f"model {model.name} v{model.version} is conditional{inferable}: give label (one of "
                                f"{_listing(model.classes)}) for every row, or labels, one per row", field="label")
         if isinstance(given, list) and len(given) != n:
             raise InvalidInput(f"{field} has {len(given)} entries for {n} rows; give one per row "

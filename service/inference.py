@@ -19,7 +19,7 @@ import numpy as np
 from service.errors import ClientGone, InvalidInput
 from service.manifest import Calibration, ScoreName, Typicality
 from service.repository import LoadedModel
-from service.scoring import explanation, sample_latents, served_score, with_label
+from service.scoring import every_label, explanation, label_marginal, sample_latents, served_score, with_label
 
 Payload = dict[str, Any]
 
@@ -47,18 +47,35 @@ def _within_float32(values: np.ndarray, field: str, step: str, per_row: bool = T
     return values
 
 
+async def _probabilities(model: LoadedModel, xm: np.ndarray, field: str = "inputs") -> np.ndarray:
+    """q(y|x) [N, C] of a semi-supervised model's model-space rows: the encoder graph's third output,
+    which reads x alone, so the label slot is left empty."""
+    *_, probabilities = await model.encoder(np.concatenate([xm, np.zeros((len(xm), model.num_classes), np.float32)],
+                                                           axis=1))
+    return _within_float32(probabilities, field, "the classifier's output for it")
+
+
+def _names(model: LoadedModel, codes: np.ndarray) -> list[str]:
+    return [model.classes[i] for i in codes.tolist()]
+
+
 async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | None, labels: np.ndarray | None,
-                  field: str = "inputs") -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None]:
+                  field: str = "inputs") -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, np.ndarray | None]:
+    """(mean, logvar, z, seed used, labels inferred): a semi-supervised model given no labels encodes each
+    row with q(y|x)'s most likely class, and says which."""
     xm = _within_float32(model.to_model_space(x), field, "the model's scaling of it")
-    mean, logvar = await model.encoder(with_label(xm, labels, model.num_classes))
+    inferred = None
+    if labels is None and model.semi_supervised:
+        labels = inferred = (await _probabilities(model, xm, field)).argmax(axis=1)
+    mean, logvar, *_ = await model.encoder(with_label(xm, labels, model.num_classes))
     for out in (mean, logvar):
         _within_float32(out, field, "the encoder's output for it")
     if not sample:
-        return mean, logvar, mean, None
+        return mean, logvar, mean, None, inferred
     used = _seed(seed)
     eps = np.random.default_rng(used).standard_normal(mean.shape, dtype=np.float32)
     z = mean + np.exp(0.5 * logvar) * eps
-    return mean, logvar, _within_float32(z, field, "its sampled latent"), used
+    return mean, logvar, _within_float32(z, field, "its sampled latent"), used, inferred
 
 
 async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None, field: str,
@@ -69,8 +86,9 @@ async def _decode(model: LoadedModel, z: np.ndarray, labels: np.ndarray | None, 
 
 async def encode(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
                  labels: np.ndarray | None = None) -> Payload:
-    mean, logvar, z, used = await _encode(model, x, sample, seed, labels)
-    return {**_header(model), "mean": mean, "logvar": logvar, "z": z, "seed": used}
+    mean, logvar, z, used, inferred = await _encode(model, x, sample, seed, labels)
+    return {**_header(model), "mean": mean, "logvar": logvar, "z": z, "seed": used,
+            **({} if inferred is None else {"labels": _names(model, inferred)})}
 
 
 async def decode(model: LoadedModel, *, z: np.ndarray, labels: np.ndarray | None = None) -> Payload:
@@ -79,19 +97,31 @@ async def decode(model: LoadedModel, *, z: np.ndarray, labels: np.ndarray | None
 
 async def reconstruct(model: LoadedModel, *, x: np.ndarray, sample: bool, seed: int | None,
                       labels: np.ndarray | None = None) -> Payload:
-    _, _, z, used = await _encode(model, x, sample, seed, labels)
-    return {**_header(model), "outputs": await _decode(model, z, labels, "inputs"), "latents": z, "seed": used}
+    _, _, z, used, inferred = await _encode(model, x, sample, seed, labels)
+    return {**_header(model), "outputs": await _decode(model, z, labels if inferred is None else inferred, "inputs"),
+            "latents": z, "seed": used, **({} if inferred is None else {"labels": _names(model, inferred)})}
+
+
+async def classify(model: LoadedModel, *, x: np.ndarray) -> Payload:
+    """A semi-supervised model's q(y|x): each row's most likely class and every class's probability."""
+    probabilities = await _probabilities(model, _within_float32(model.to_model_space(x), "inputs",
+                                                                "the model's scaling of it"))
+    return {**_header(model), "labels": _names(model, probabilities.argmax(axis=1)), "probabilities": probabilities}
 
 
 async def sample(model: LoadedModel, *, n: int, seed: int | None, temperature: float,
                  labels: np.ndarray | None = None) -> Payload:
-    """The same seed gives the same latents whatever the labels: a label changes only what is drawn."""
+    """The same seed gives the same latents whatever the labels: a label changes only what is drawn. A
+    semi-supervised model given no labels draws them from its uniform prior over classes (seeded too)."""
     used = _seed(seed)
-    z = temperature * np.random.default_rng(used).standard_normal((n, model.latent_dim), dtype=np.float32)
+    rng = np.random.default_rng(used)
+    z = temperature * rng.standard_normal((n, model.latent_dim), dtype=np.float32)
+    if labels is None and model.semi_supervised:
+        labels = rng.integers(0, model.num_classes, n)
     outputs = await _decode(model, z, labels, "temperature", per_row=False)
     payload = {**_header(model), "outputs": outputs, "latents": z, "seed": used}
     if labels is not None:
-        payload["labels"] = [model.classes[i] for i in labels.tolist()]
+        payload["labels"] = _names(model, labels)
     return payload
 
 
@@ -121,7 +151,7 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     if start is not None and end is not None:
         field = "start, end"
         ends = _within_float32(model.to_model_space(np.concatenate([start, end])), field, "the model's scaling", False)
-        mean, _ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
+        mean, *_ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
         a, b = _within_float32(mean, field, "the encoder's output", False)
     else:
         assert start_latent is not None and end_latent is not None
@@ -154,7 +184,8 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
                         explain: bool = False, pass_values: int = 1 << 20,
                         gone: Callable[[], Awaitable[bool]] | None = None) -> Payload:
     """Per-row scores, higher = more anomalous, placed among the calibration rows of that score
-    (a conditional model scores -log p(x | label)); with `explain`, each feature's part of the
+    (a conditional model scores -log p(x | label); a semi-supervised one given no labels, -log p(x)
+    with the label marginalised, against its marginal calibration); with `explain`, each feature's part of the
     reconstruction term (`scoring.explanation`), and the manifest's feature names.
 
     The rows go through the graphs a group at a time, each group's K samples decoding to at most
@@ -164,7 +195,9 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
     xm = model.to_model_space(x)
     eps = model.noise(samples)
     m = model.manifest
-    step = rows_per_pass(samples, m.input_dim, pass_values)
+    marginal = labels is None and model.semi_supervised  # each row under every label (`label_marginal`)
+    copies = model.num_classes if marginal else 1
+    step = max(1, rows_per_pass(samples, m.input_dim, pass_values) // copies)
     parts: list[tuple[np.ndarray, ...]] = []
     for start in range(0, len(xm), step):
         if start and gone is not None and await gone():
@@ -172,12 +205,17 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
                              "the rest were not")
         xb = xm[start : start + step]
         yb = None if labels is None else labels[start : start + step]
-        mean, logvar = await model.encoder(with_label(xb, yb, model.num_classes))
+        if marginal:
+            xb, yb = every_label(xb, model.num_classes)
+        mean, logvar, *_ = await model.encoder(with_label(xb, yb, model.num_classes))
         (out,) = await model.decoder(with_label(sample_latents(mean, logvar, eps), yb, model.num_classes, samples))
         args = (score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar, m.typicality, explain)
         # A pass's arithmetic is float64 over every decoded value: tens of ms for a full pass, which the
         # event loop must not spend. numpy lets go of the GIL for it, so a worker thread frees the loop.
-        parts.append(await asyncio.to_thread(_score_pass, *args) if out.size > OFFLOAD_VALUES else _score_pass(*args))
+        part = await asyncio.to_thread(_score_pass, *args) if out.size > OFFLOAD_VALUES else _score_pass(*args)
+        if marginal:
+            part = label_marginal(part[0], part[1], part[2], model.num_classes, part[3] if explain else None)
+        parts.append(part)
     values, reconstruction, kl, *explained = (np.concatenate(a) for a in zip(*parts, strict=True))
     used = calibration.threshold if threshold is None else threshold
     return {

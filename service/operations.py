@@ -1,4 +1,4 @@
-"""The six operations, each as its parameter model and its work on a parsed `Call`.
+"""The seven operations, each as its parameter model and its work on a parsed `Call`.
 
 Both ways in, the native endpoints (`routes.py`) and the Open Inference Protocol (`v2.py`), parse
 a request into a `Call` and run the same `Operation`, so they share validation, limits, batching
@@ -18,7 +18,7 @@ from service import inference, schemas
 from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput
-from service.manifest import score_asked
+from service.manifest import MARGINAL_SCORES, score_asked
 from service.scoring import supports_complexity
 
 Payload = dict[str, Any]
@@ -35,7 +35,7 @@ class Operation:
 async def _encode(call: Call, state: AppState) -> Payload:
     x = call.rows("inputs")
     return await inference.encode(call.model, x=x, sample=call.params.sample, seed=call.params.seed,
-                                  labels=call.labels(len(x)))
+                                  labels=call.labels(len(x), inferred=True))
 
 
 async def _decode(call: Call, state: AppState) -> Payload:
@@ -46,7 +46,7 @@ async def _decode(call: Call, state: AppState) -> Payload:
 async def _reconstruct(call: Call, state: AppState) -> Payload:
     x = call.rows("inputs")
     return await inference.reconstruct(call.model, x=x, sample=call.params.sample, seed=call.params.seed,
-                                       labels=call.labels(len(x)))
+                                       labels=call.labels(len(x), inferred=True))
 
 
 async def _sample(call: Call, state: AppState) -> Payload:
@@ -56,7 +56,7 @@ async def _sample(call: Call, state: AppState) -> Payload:
                            "body (Accept: application/x-npz still answers .npz)")
     call.check_range("n", p.n, call.settings.max_rows, "VAE_MAX_ROWS")
     return await inference.sample(call.model, n=p.n, seed=p.seed, temperature=p.temperature,
-                                  labels=call.labels(p.n))
+                                  labels=call.labels(p.n, inferred=True))
 
 
 def _interpolation_ends(call: Call) -> dict[str, np.ndarray | None]:
@@ -93,8 +93,13 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     p = call.params
     s = call.settings
     model = call.model
-    score = score_asked(p.score, p.samples, model.manifest.default_score)
-    calibration = model.manifest.calibration_for(score)
+    marginal = model.semi_supervised and p.label is None and p.labels is None
+    score = score_asked(p.score, p.samples, "elbo" if marginal else model.manifest.default_score)
+    calibration = model.manifest.calibration_for(score, marginal)
+    if calibration is None and marginal:
+        raise InvalidInput(f"without a label, model {model.name} v{model.version} scores -log p(x) with the label "
+                           f"marginalised: {', '.join(MARGINAL_SCORES)}; {score!r} needs a label (label or labels)",
+                           field="score")
     if calibration is None:
         image_model = supports_complexity(model.manifest.likelihood, model.manifest.input_shape)
         why = ("it is for Bernoulli image models" if score in ("complexity", "typicality") and not image_model
@@ -106,7 +111,8 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     x = call.rows("inputs")
     call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
-                                           threshold=p.threshold, labels=call.labels(len(x)), explain=p.explain,
+                                           threshold=p.threshold, labels=call.labels(len(x), inferred=True),
+                                           explain=p.explain,
                                            pass_values=s.max_pass_values, gone=call.gone)
     labels = (model.name, str(model.version))
     state.metrics.scored.labels(*labels).inc(len(x))
@@ -121,6 +127,14 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     return result
 
 
+async def _classify(call: Call, state: AppState) -> Payload:
+    model = call.model
+    if not model.semi_supervised:
+        raise InvalidInput(f"model {model.name} v{model.version} has no classifier: /classify is for semi-supervised "
+                           "models (vae-train --semi-supervised)", field="model")
+    return await inference.classify(model, x=call.rows("inputs"))
+
+
 OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("encode", schemas.EncodeParams, _encode),
     Operation("decode", schemas.DecodeParams, _decode),
@@ -128,4 +142,11 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation("sample", schemas.SampleParams, _sample),
     Operation("interpolate", schemas.InterpolateParams, _interpolate),
     Operation("anomaly-score", schemas.AnomalyParams, _anomaly_score),
+    Operation("classify", schemas.ClassifyParams, _classify),
 )}
+
+
+def served_by(semi_supervised: bool) -> list[Operation]:
+    """The operations a model answers (what v2 lists as `<model>.<operation>`): /classify only where the
+    model has a classifier."""
+    return [op for op in OPERATIONS.values() if semi_supervised or op.name != "classify"]

@@ -41,7 +41,7 @@ class LoadedModel:
     folder: Path
     runtime: Runtime
     device: str
-    encoder: Batcher  # x [N, D] (model space) -> mean, logvar
+    encoder: Batcher  # x [N, D] (model space) -> mean, logvar (semi-supervised: and q(y|x) [N, C])
     decoder: Batcher  # z [N, L] -> x_mean [N, D] (model space)
     runtime_timings: dict[str, float] = field(default_factory=dict)
     drift: dict[str, ScoreDrift] = field(default_factory=dict)  # per score, against its calibration (at its K)
@@ -54,6 +54,7 @@ class LoadedModel:
         self.classes = self.manifest.classes or []
         self.num_classes = len(self.classes)
         self.class_index = {name: i for i, name in enumerate(self.classes)}
+        self.semi_supervised = self.manifest.semi_supervised
 
     @property
     def name(self) -> str:
@@ -123,11 +124,16 @@ def _time_graph(graph: Graph, width: int) -> float:
 
 def _check_graphs(manifest: Manifest, encoder: Graph, decoder: Graph) -> None:
     c = manifest.num_classes
-    mean, logvar = encoder(np.zeros((2, manifest.input_dim + c), dtype=np.float32))
+    mean, logvar, *rest = encoder(np.zeros((2, manifest.input_dim + c), dtype=np.float32))
     (out,) = decoder(np.zeros((2, manifest.latent_dim + c), dtype=np.float32))
     if mean.shape != (2, manifest.latent_dim) or logvar.shape != mean.shape or out.shape != (2, manifest.input_dim):
         raise ManifestError(f"graphs return shapes {mean.shape}, {logvar.shape}, {out.shape}; the manifest says "
                             f"latent {manifest.latent_dim}, input {manifest.input_dim}")
+    wanted = [(2, c)] if manifest.semi_supervised else []
+    if [r.shape for r in rest] != wanted:
+        says = f"semi-supervised: class probabilities {(2, c)}" if wanted else "no class probabilities"
+        raise ManifestError(f"the encoder returns {2 + len(rest)} outputs, extra shapes {[r.shape for r in rest]}; "
+                            f"the manifest says {says}")
 
 
 Fingerprint = tuple[tuple[str, int, int], ...]

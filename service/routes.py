@@ -79,6 +79,8 @@ ARRAY_ENDPOINTS: dict[str, Endpoint] = {f"/{op.name}": _native(op, *doc) for op,
                            "2 rows (start, end); query latent=true if they are latents")),
     (_ops["anomaly-score"], (schemas.AnomalyRequest, schemas.AnomalyResponse,
                              "Per-row anomaly scores (nats) against the model's calibration", "inputs [N, D]")),
+    (_ops["classify"], (schemas.ClassifyRequest, schemas.ClassifyResponse,
+                        "Semi-supervised models: each row's class and q(y|x)", "inputs [N, D]")),
 )}
 
 
@@ -88,7 +90,8 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
     return {
         "name": m.name, "version": m.version, "versions": versions, "input_shape": m.input_shape,
         "input_dim": m.input_dim, "latent_dim": m.latent_dim, "likelihood": m.likelihood,
-        "feature_names": m.feature_names, "classes": m.classes, "runtime": model.runtime, "device": model.device,
+        "feature_names": m.feature_names, "classes": m.classes, "semi_supervised": m.semi_supervised,
+        "runtime": model.runtime, "device": model.device,
         "runtime_timings_us": model.runtime_timings,
         "calibration": {"score": cal.score, "samples": cal.samples, "n_rows": cal.n_rows,
                         "threshold": cal.threshold, "threshold_level": cal.threshold_level,
@@ -96,6 +99,8 @@ def _info(model: LoadedModel, versions: list[int]) -> dict[str, Any]:
         "scores": {name: {"samples": c.samples, "threshold": c.threshold, "threshold_level": c.threshold_level}
                    for name, c in {"elbo": cal, **m.calibrations}.items()},
         "default_score": m.default_score,
+        "marginal_scores": {name: {"samples": c.samples, "threshold": c.threshold, "threshold_level": c.threshold_level}
+                            for name, c in m.marginal_calibrations.items()},
         "metrics": m.metrics, "created_at": m.created_at.isoformat(), "training_command": m.training.get("command"),
     }
 

@@ -150,6 +150,16 @@ class AnomalyRequest(AnomalyParams):
     inputs: Rows
 
 
+class ClassifyParams(Common):
+    label: None = Field(None, description="not taken: /classify answers the labels")
+    labels: None = Field(None, description="not taken: /classify answers the labels")
+
+
+class ClassifyRequest(ClassifyParams):
+    model_config = _examples({"inputs": [_DIGIT_ROW]})
+    inputs: Rows = Field(description="rows, each flat or shaped as the model's input shape")
+
+
 class Header(BaseModel):
     model: str
     version: int
@@ -160,6 +170,8 @@ class EncodeResponse(Header):
     logvar: Rows
     z: Rows
     seed: int | None = Field(description="the seed used when sample is true")
+    labels: list[str] | None = Field(None, description="semi-supervised models given no label: the class inferred "
+                                     "for each row (q(y|x)'s most likely)")
 
 
 class DecodeResponse(Header):
@@ -170,13 +182,22 @@ class ReconstructResponse(Header):
     outputs: Rows
     latents: Rows
     seed: int | None
+    labels: list[str] | None = Field(None, description="semi-supervised models given no label: the class inferred "
+                                     "for each row (q(y|x)'s most likely)")
 
 
 class SampleResponse(Header):
     outputs: Rows
     latents: Rows
     seed: int
-    labels: list[str] | None = Field(None, description="conditional models: each row's class")
+    labels: list[str] | None = Field(None, description="conditional models: each row's class (semi-supervised "
+                                     "models given no label: drawn from the uniform prior)")
+
+
+class ClassifyResponse(Header):
+    labels: list[str] = Field(description="each row's most likely class, named as the manifest names them")
+    probabilities: Rows = Field(description="[N, C]: q(y|x), one per class in the manifest's order "
+                                "(GET /models/{name})")
 
 
 class InterpolateResponse(Header):
@@ -220,12 +241,16 @@ class ModelVersionInfo(BaseModel):
     likelihood: str
     feature_names: list[str] | None
     classes: list[str] | None = Field(description="a conditional model's labels (requests name one of these)")
+    semi_supervised: bool = Field(description="has q(y|x): answers /classify, and infers or marginalises a label "
+                                  "left out")
     runtime: str
     device: str
     runtime_timings_us: dict[str, float]
     calibration: dict[str, object]
     scores: dict[str, dict[str, float]] = Field(description="each servable score: its K and threshold")
     default_score: str = Field(description="what POST /anomaly-score serves when the request names no score")
+    marginal_scores: dict[str, dict[str, float]] = Field(
+        description="semi-supervised models: the scores served with the label marginalised (no label given)")
     metrics: dict[str, float]
     created_at: str
     training_command: str | None

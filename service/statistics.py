@@ -24,7 +24,7 @@ from typing import Any
 
 # Operations whose requests carry a batch of rows (v2 max_batch_size > 0); sample and interpolate
 # answer one request as one inference.
-BATCHED_OPERATIONS = frozenset({"encode", "decode", "reconstruct", "anomaly-score"})
+BATCHED_OPERATIONS = frozenset({"encode", "decode", "reconstruct", "anomaly-score", "classify"})
 PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "cache_hit", "cache_miss")
 
 

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from service import codec
 from service.deps import AppState, State
 from service.errors import InvalidInput, NotAllowed
-from service.operations import OPERATIONS, Operation
+from service.operations import Operation, served_by
 from service.pipeline import read_body
 from service.repository import LoadedModel, Repository
 from service.settings import Settings
@@ -40,7 +40,8 @@ def _json(body: Any) -> Response:
 
 
 def _dims(model: LoadedModel, kind: str, batched: bool) -> list[int]:
-    width = {"data": [model.manifest.input_dim], "latent": [model.latent_dim], "one": []}[kind]
+    width = {"data": [model.manifest.input_dim], "latent": [model.latent_dim], "one": [],
+             "class": [model.num_classes]}[kind]
     if batched:
         return width or [1]
     return [-1, *width]
@@ -87,8 +88,8 @@ async def model_stats(state: AppState, name: str | None, version: str | None) ->
     (`version` None), or one version; a version that has served nothing reports zeros."""
     repo = await state.loaded_repository()
     if name is None:
-        chosen = [(model, v, op) for model, versions in sorted(repo.models.items()) for v in sorted(versions)
-                  for op in OPERATIONS]
+        chosen = [(model, v, op.name) for model, versions in sorted(repo.models.items()) for v in sorted(versions)
+                  for op in served_by(versions[v].semi_supervised)]
     else:
         model, op, versions = await resolve(state, name, version)
         chosen = [(model.name, v, op.name) for v in ([model.version] if version is not None else versions)]
@@ -124,13 +125,14 @@ async def config_version(name: str, version: str, state: State) -> Response:
 
 def index_entries(repo: Repository, ready: bool) -> list[dict[str, str]]:
     """Every v2 model version: READY, or (unless `ready`) UNAVAILABLE with the reason it was refused."""
-    entries = [{"name": f"{name}.{op}", "version": str(version), "state": "READY", "reason": ""}
-               for name, versions in sorted(repo.models.items()) for version in sorted(versions) for op in OPERATIONS]
+    entries = [{"name": f"{name}.{op.name}", "version": str(version), "state": "READY", "reason": ""}
+               for name, versions in sorted(repo.models.items()) for version in sorted(versions)
+               for op in served_by(versions[version].semi_supervised)]
     if not ready:
         for key, reason in sorted(repo.failures.items()):
             name, version = key.split("/")
-            entries += [{"name": f"{name}.{op}", "version": version, "state": "UNAVAILABLE", "reason": reason}
-                        for op in OPERATIONS]
+            entries += [{"name": f"{name}.{op.name}", "version": version, "state": "UNAVAILABLE", "reason": reason}
+                        for op in served_by(False)]
         entries.sort(key=lambda e: (e["name"], int(e["version"])))
     return entries
 

@@ -27,7 +27,7 @@ from service import codec
 from service.call import Call
 from service.deps import AppState, State, add_head
 from service.errors import InvalidInput, MalformedBody, ModelNotFound, NotReady, quoted
-from service.operations import OPERATIONS, Operation, Payload
+from service.operations import OPERATIONS, Operation, Payload, served_by
 from service.pipeline import handle, read_body, validate_params
 from service.repository import LoadedModel
 
@@ -46,7 +46,7 @@ PROTOCOL_PARAMETERS = frozenset({"binary_data_output", "priority", "timeout"})
 # `inputs` or `latents`, two rows: start and end.
 INPUTS: dict[str, tuple[str, ...]] = {
     "encode": ("inputs",), "decode": ("latents",), "reconstruct": ("inputs",), "sample": (),
-    "interpolate": ("inputs", "latents"), "anomaly-score": ("inputs",),
+    "interpolate": ("inputs", "latents"), "anomaly-score": ("inputs",), "classify": ("inputs",),
 }
 OUTPUTS: dict[str, dict[str, tuple[str, str]]] = {
     "encode": {"mean": ("latent", "FP32"), "logvar": ("latent", "FP32"), "z": ("latent", "FP32")},
@@ -58,6 +58,7 @@ OUTPUTS: dict[str, dict[str, tuple[str, str]]] = {
     "anomaly-score": {"score": ("one", "FP64"), "reconstruction": ("one", "FP64"), "kl": ("one", "FP64"),
                       "percentile": ("one", "FP64"), "is_anomaly": ("one", "BOOL"),
                       "explanation": ("data", "FP64")},  # only with the parameter explain: true
+    "classify": {"probabilities": ("class", "FP32")},  # the labels come back as the parameter `labels`
 }
 DATATYPES = {np.dtype(np.float32): "FP32", np.dtype(np.float64): "FP64", np.dtype(np.bool_): "BOOL"}
 
@@ -82,7 +83,8 @@ def parse_version(version: str | None) -> int | None:
 
 
 def _width(model: LoadedModel, kind: str) -> list[int]:
-    return {"data": [-1, model.manifest.input_dim], "latent": [-1, model.latent_dim], "one": [-1]}[kind]
+    return {"data": [-1, model.manifest.input_dim], "latent": [-1, model.latent_dim], "one": [-1],
+            "class": [-1, model.num_classes]}[kind]
 
 
 def metadata(model: LoadedModel, op: Operation, versions: list[int]) -> dict[str, Any]:
@@ -353,6 +355,9 @@ async def resolve(state: AppState, name: str, version: str | None) -> tuple[Load
     model_name, op = split_name(name)
     repo = await state.loaded_repository()
     model = repo.get(model_name, parse_version(version))
+    if op not in served_by(model.semi_supervised):
+        raise ModelNotFound(f"v2 model {quoted(name)}: {model.name} v{model.version} has no classifier, so no "
+                            f"{op.name} operation (semi-supervised models have one)", field="model_name")
     return model, op, sorted(repo.models[model.name])
 
 

@@ -9,6 +9,7 @@ from vaeclient.client import AsyncClient, Client, Limits
 from vaeclient.errors import APIError, VAEError
 from vaeclient.results import (
     AnomalyResult,
+    ClassifyResult,
     DecodeResult,
     EncodeResult,
     InterpolateResult,
@@ -16,5 +17,5 @@ from vaeclient.results import (
     SampleResult,
 )
 
-__all__ = ["APIError", "AnomalyResult", "AsyncClient", "Client", "DecodeResult", "EncodeResult", "InterpolateResult",
-           "Limits", "ReconstructResult", "SampleResult", "VAEError"]
+__all__ = ["APIError", "AnomalyResult", "AsyncClient", "ClassifyResult", "Client", "DecodeResult", "EncodeResult",
+           "InterpolateResult", "Limits", "ReconstructResult", "SampleResult", "VAEError"]

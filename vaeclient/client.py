@@ -26,6 +26,7 @@ import numpy as np
 from vaeclient.errors import APIError, VAEError
 from vaeclient.results import (
     AnomalyResult,
+    ClassifyResult,
     DecodeResult,
     EncodeResult,
     InterpolateResult,
@@ -99,8 +100,10 @@ def _merge(cls: type[R], parts: list[dict[str, np.ndarray]], **override: Any) ->
             values[f.name] = None
         elif parts[0][f.name].ndim == 0:
             values[f.name] = parts[0][f.name].item()
-        elif parts[0][f.name].dtype.kind == "U":  # names (feature_names): the same in every chunk
+        elif parts[0][f.name].dtype.kind == "U" and f.name != "labels":  # feature_names: the same in every chunk
             values[f.name] = parts[0][f.name].tolist()
+        elif parts[0][f.name].dtype.kind == "U":  # labels: one per row
+            values[f.name] = np.concatenate([p[f.name] for p in parts]).tolist()
         else:
             values[f.name] = np.concatenate([p[f.name] for p in parts]) if len(parts) > 1 else parts[0][f.name]
     return cls(**values)
@@ -201,6 +204,12 @@ class _Operations:
             return _chunked(AnomalyResult, "/anomaly-score", rows, size, False, None, score=score, samples=samples,
                             threshold=threshold, explain=explain or None, **self._common(model, version))
         return self._execute(build)
+
+    def classify(self, x: Any, *, model: str | None = None, version: int | None = None) -> Any:
+        """Rows -> ClassifyResult (labels, probabilities): a semi-supervised model's q(y|x)."""
+        rows = _rows(x, "x")
+        return self._execute(lambda lim: _chunked(ClassifyResult, "/classify", rows, lim.max_rows, False, None,
+                                                  **self._common(model, version)))
 
     def sample(self, n: int, *, seed: int | None = None, temperature: float = 1.0, model: str | None = None,
                version: int | None = None) -> Any:

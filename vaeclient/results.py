@@ -59,3 +59,9 @@ class AnomalyResult(Result):
     score_name: str  # elbo, iwae, complexity or typicality
     explanation: np.ndarray | None = None  # with explain=True: [N, D] nats per feature, summing to reconstruction
     feature_names: list[str] | None = None  # with explain=True: the model's column names, when it has them
+
+
+@dataclass(frozen=True)
+class ClassifyResult(Result):
+    labels: list[str]  # [N]: each row's most likely class (semi-supervised models)
+    probabilities: np.ndarray  # [N, C]: q(y|x), classes in the order GET /models/{name} lists them
