@@ -48,8 +48,8 @@ class Call:
         if given is None and inferred and model.semi_supervised:
             return None
         if given is None:
-            inferable = (" (a semi-supervised model infers it for /encode, /reconstruct, /sample and "
-                         "/anomaly-score, not here)" if model.semi_supervised else "")
+            inferable = (" (a semi-supervised model infers it for /encode, /reconstruct, /sample, /anomaly-score "
+                         "and /interpolate between data rows, not here)" if model.semi_supervised else "")
             raise InvalidInput(f"model {model.name} v{model.version} is conditional{inferable}: give label (one of "
                                f"{_listing(model.classes)}) for every row, or labels, one per row", field="label")
         if isinstance(given, list) and len(given) != n:

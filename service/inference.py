@@ -146,11 +146,17 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
                       start_latent: np.ndarray | None, end_latent: np.ndarray | None, steps: int,
                       method: str, label: int | None = None) -> Payload:
     """Endpoints given in data space are encoded to their means; latents are used as given.
-    A conditional model's path keeps one class (`label`, an index) from end to end."""
+    A conditional model's path keeps one class (`label`, an index) from end to end; a semi-supervised
+    model given none takes the start row's most likely class, and says which."""
     labels = None if label is None else np.full(steps, label, dtype=np.int64)
+    inferred: dict[str, list[str]] = {}
     if start is not None and end is not None:
         field = "start, end"
         ends = _within_float32(model.to_model_space(np.concatenate([start, end])), field, "the model's scaling", False)
+        if labels is None and model.semi_supervised:
+            guess = int((await _probabilities(model, ends[:1], field)).argmax())
+            labels = np.full(steps, guess, dtype=np.int64)
+            inferred["labels"] = [model.classes[guess]]
         mean, *_ = await model.encoder(with_label(ends, None if labels is None else labels[:2], model.num_classes))
         a, b = _within_float32(mean, field, "the encoder's output", False)
     else:
@@ -160,7 +166,7 @@ async def interpolate(model: LoadedModel, *, start: np.ndarray | None, end: np.n
     t = np.linspace(0.0, 1.0, steps, dtype=np.float32)
     z = slerp(a, b, t) if method == "slerp" else lerp(a, b, t)
     return {**_header(model), "t": t, "latents": z,
-            "outputs": await _decode(model, z, labels, field, per_row=False)}
+            "outputs": await _decode(model, z, labels, field, per_row=False), **inferred}
 
 
 OFFLOAD_VALUES = 1 << 16  # decoded values in a pass above which its scores are computed off the event loop

@@ -84,7 +84,7 @@ async def _interpolate(call: Call, state: AppState) -> Payload:
     p = call.params
     call.check_range("steps", p.steps, call.settings.max_steps, "VAE_MAX_STEPS")
     ends = _interpolation_ends(call)
-    labels = call.labels(1)
+    labels = call.labels(1, inferred=ends["start"] is not None)  # data ends: the start row's class can be inferred
     return await inference.interpolate(call.model, steps=p.steps, method=p.method, **ends,
                                        label=None if labels is None else int(labels[0]))
 

@@ -204,6 +204,8 @@ class InterpolateResponse(Header):
     t: Row
     latents: Rows
     outputs: Rows
+    labels: list[str] | None = Field(None, description="semi-supervised models given no label: the path's class, "
+                                     "inferred from start")
 
 
 class AnomalyResponse(Header):

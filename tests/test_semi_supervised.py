@@ -122,6 +122,10 @@ async def test_without_a_label_encode_and_reconstruct_use_the_inferred_class(sem
             assert free["labels"] == guessed and "labels" not in given
             for key in ("mean", "logvar", "z") if path == "/encode" else ("outputs", "latents"):
                 assert free[key] == given[key], (path, key)
+        ends = {"model": "semi", "start": x[0], "end": x[1], "steps": 3}
+        walk = (await client.post("/interpolate", json=ends)).json()
+        given = (await client.post("/interpolate", json={**ends, "label": guessed[0]})).json()
+        assert walk["labels"] == guessed[:1] and walk["outputs"] == given["outputs"]
         v2 = (await client.post("/v2/models/semi.encode/infer", json={
             "inputs": [{"name": "inputs", "datatype": "FP32", "shape": [6, 64], "data": sum(x, [])}]})).json()
     assert v2["parameters"]["labels"] == guessed
@@ -174,6 +178,7 @@ async def test_sample_draws_labels_from_the_prior_or_takes_one(semi_repo: Path) 
                                                      "data": [0.0] * 64}]}, 400, "has no classifier"),
     ("/classify", {"model": "semi", "inputs": [[0.0] * 64], "label": "3"}, 422, "label"),
     ("/decode", {"model": "semi", "latents": [[0.0] * 4]}, 422, "semi-supervised model infers it"),
+    ("/interpolate", {"model": "semi", "start_latent": [0.0] * 4, "end_latent": [1.0] * 4}, 422, "not here"),
 ])
 async def test_what_cannot_be_answered_says_why(semi_repo: Path, path: str, body: dict, status: int,
                                                 needle: str) -> None:
@@ -189,9 +194,9 @@ async def test_the_client_classifies_in_chunks(semi_repo: Path, digits) -> None:
     from vaeclient import AsyncClient
 
     x = digits[0][:9]
-    async with serving(semi_repo, max_rows=4) as (app, _):
-        async with AsyncClient("http://test", model="semi", transport=httpx.ASGITransport(app=app)) as vae:
-            result = await vae.classify(x)
+    async with serving(semi_repo, max_rows=4) as (app, _), \
+            AsyncClient("http://test", model="semi", transport=httpx.ASGITransport(app=app)) as vae:
+        result = await vae.classify(x)
     assert len(result.labels) == 9 and result.probabilities.shape == (9, 10)
     np.testing.assert_allclose(result.probabilities, _graph_probabilities(semi_repo / "semi" / "1", x), atol=1e-6)
 
