@@ -217,3 +217,12 @@ def test_unlabelled_cells_and_hidden_labels(tmp_path: Path) -> None:
         train(["--dataset", "digits", "--labelled-per-class", "5", "--output", str(tmp_path)])
     with pytest.raises(DataError, match="--trim and --refit"):
         train(["--dataset", "digits", "--semi-supervised", "--trim", "0.1", "--output", str(tmp_path)])
+
+
+def test_the_semi_supervised_anomaly_benchmark_labels_a_share_of_each_class() -> None:
+    from bench.semi_anomaly import partial_labels
+
+    y = np.array([0] * 95 + [1] * 5)
+    labels = partial_labels(y, 0.05, seed=1)
+    assert (labels == 1).sum() == 1 and (labels == 0).sum() == 5 and (labels == -1).sum() == 94
+    assert set(np.flatnonzero(labels == 1)) <= set(np.flatnonzero(y == 1))
