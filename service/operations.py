@@ -109,7 +109,11 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     samples = p.samples or calibration.samples
     call.check_range("samples", samples, s.max_samples, "VAE_MAX_SAMPLES")
     x = call.rows("inputs")
-    call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
+    if marginal:  # every row decodes once per class
+        call.check_range("samples", len(x) * samples * model.num_classes, s.max_decode_rows,
+                         "rows x samples x classes (the label is marginalised), VAE_MAX_DECODE_ROWS")
+    else:
+        call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
                                            threshold=p.threshold, labels=call.labels(len(x), inferred=True),
                                            explain=p.explain,

@@ -179,6 +179,7 @@ async def test_sample_draws_labels_from_the_prior_or_takes_one(semi_repo: Path) 
     ("/classify", {"model": "semi", "inputs": [[0.0] * 64], "label": "3"}, 422, "label"),
     ("/decode", {"model": "semi", "latents": [[0.0] * 4]}, 422, "semi-supervised model infers it"),
     ("/interpolate", {"model": "semi", "start_latent": [0.0] * 4, "end_latent": [1.0] * 4}, 422, "not here"),
+    ("/anomaly-score", {"model": "semi", "inputs": [[0.0] * 64] * 14, "samples": 1000}, 422, "x classes"),
 ])
 async def test_what_cannot_be_answered_says_why(semi_repo: Path, path: str, body: dict, status: int,
                                                 needle: str) -> None:
