@@ -342,11 +342,13 @@ def order_columns(rows: np.ndarray, names: list[str], expected: list[str] | None
 
 
 def encode_arrow(payload: dict[str, Any]) -> bytes:
-    """One record batch: each array a column (2-D ones as fixed-size lists, a row per entry), scalars and
-    lists as the schema's metadata (JSON values)."""
+    """One record batch: each array a column (2-D ones as fixed-size lists, a row per entry), per-row
+    class names (`labels`, one per row) a string column, other scalars and lists the schema's metadata
+    (JSON values)."""
     import pyarrow as pa
 
     arrays, metadata = {}, {}
+    rows = {len(v) for v in payload.values() if isinstance(v, np.ndarray) and v.ndim >= 1}
     for key, value in payload.items():
         if value is None:
             continue
@@ -354,6 +356,8 @@ def encode_arrow(payload: dict[str, Any]) -> bytes:
             flat = pa.array(np.ascontiguousarray(value).reshape(-1))
             width = int(np.prod(value.shape[1:])) if value.ndim > 1 else 0
             arrays[key] = pa.FixedSizeListArray.from_arrays(flat, width) if width else flat
+        elif key == "labels" and rows == {len(value)}:
+            arrays[key] = pa.array(value, type=pa.string())
         else:
             metadata[key] = orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
     lengths = {len(a) for a in arrays.values()}

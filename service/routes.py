@@ -41,7 +41,8 @@ def _doc(request_model: type[BaseModel], response_model: type[BaseModel], npy: s
     binary = {"type": "string", "format": "binary"}
     npz: dict[str, Any] = {NPZ: {"schema": {**binary, "description": "one array per field"}},
                            ARROW: {"schema": {**binary, "description": "one record batch: a column per field "
-                                              "(rows of 2-D fields as fixed-size lists), scalars as metadata"}}}
+                                              "(rows of 2-D fields as fixed-size lists, per-row labels as "
+                                              "strings), scalars as metadata"}}}
     if "columns" in request_model.model_fields:
         npz[PNG] = {"schema": {"type": "string", "format": "binary",
                                "description": "image models: the outputs as one picture (README: Pictures)"}}

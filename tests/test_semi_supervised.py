@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import pyarrow as pa
 import pytest
 from scipy.special import logsumexp
 from sklearn.datasets import load_digits as sk_digits
@@ -101,8 +102,15 @@ async def test_classify_answers_alike_through_json_npz_and_v2(semi_repo: Path, d
             "inputs": [{"name": "inputs", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]
         })).json()
         metadata = (await client.get("/v2/models/semi.classify")).json()
+        arrow = await client.post("/classify?model=semi", content=buffer.getvalue(),
+                                  headers={"content-type": "application/x-npy",
+                                           "accept": "application/vnd.apache.arrow.stream"})
         config = (await client.get("/v2/models/semi.classify/config")).json()
     assert npz["labels"].tolist() == as_json["labels"] == v2["parameters"]["labels"]
+    table = pa.ipc.open_stream(arrow.content).read_all()
+    assert table.column("labels").to_pylist() == as_json["labels"]
+    np.testing.assert_array_equal(np.stack(table.column("probabilities").to_numpy(zero_copy_only=False)),
+                                  npz["probabilities"])
     np.testing.assert_array_equal(npz["probabilities"], np.array(as_json["probabilities"], dtype=np.float32))
     (out,) = v2["outputs"]
     assert out["name"] == "probabilities" and out["shape"] == [7, 10]
