@@ -235,3 +235,21 @@ def test_the_semi_supervised_anomaly_benchmark_labels_a_share_of_each_class() ->
     labels = partial_labels(y, 0.05, seed=1)
     assert (labels == 1).sum() == 1 and (labels == 0).sum() == 5 and (labels == -1).sum() == 94
     assert set(np.flatnonzero(labels == 1)) <= set(np.flatnonzero(y == 1))
+
+
+async def test_offline_scoring_marginalises_the_label_as_the_service_does(semi_repo: Path, digits) -> None:
+    """vae-score, vae-train evaluate and Spark score with ServedScorer: a semi-supervised model's rows need
+    no label there either, and get the service's numbers."""
+    from training.anomaly import ServedScorer
+
+    x = digits[0][:6]
+    scorer = ServedScorer.load(semi_repo / "semi" / "1")
+    assert scorer.default_score == "elbo"
+    async with serving(semi_repo) as (_, client):
+        for score in ("elbo", "iwae"):
+            body = (await client.post("/anomaly-score", json={"model": "semi", "inputs": x.tolist(), "score": score,
+                                                              "explain": True})).json()
+            np.testing.assert_allclose(scorer(x, score=score), body["score"], rtol=1e-6)
+            np.testing.assert_allclose(scorer.explain(x, score=score), body["explanation"], rtol=1e-6, atol=1e-9)
+    with pytest.raises(DataError, match="without labels"):
+        scorer(x, score="typicality")

@@ -20,7 +20,15 @@ import numpy as np
 from service.folder import open_graphs
 from service.manifest import Calibration, Manifest, ScoreName, score_asked
 from service.runtime import Runtime
-from service.scoring import common_noise, explanation, sample_latents, score_with_graphs
+from service.scoring import (
+    common_noise,
+    explanation,
+    graph_passes,
+    label_marginal,
+    sample_latents,
+    score_with_graphs,
+    served_score,
+)
 from training.data import DataError, align_columns, check_finite, read_csv_table
 
 
@@ -78,39 +86,58 @@ class ServedScorer:
     @classmethod
     def load(cls, model_dir: Path, runtime: Runtime = "onnx", threads: int = 0) -> ServedScorer:
         manifest, encoder, decoder = open_graphs(model_dir, runtime, threads=threads)
-        if manifest.classes:
+        if manifest.classes and not manifest.semi_supervised:
             raise ValueError(f"{model_dir} is a conditional model: its scores need each row's label, so score it "
                              "through the service (POST /anomaly-score with labels)")
         return cls(manifest, encoder, decoder)
+
+    @property
+    def marginal(self) -> bool:
+        """A semi-supervised model scores rows without labels: -log p(x), the label marginalised."""
+        return self.manifest.semi_supervised
+
+    @property
+    def default_score(self) -> ScoreName:
+        """What POST /anomaly-score serves when no score is named (and, here, no label is given)."""
+        return "elbo" if self.marginal else self.manifest.default_score
 
     def __call__(self, x: np.ndarray, samples: int | None = None, score: ScoreName | None = None) -> np.ndarray:
         """Per-row scores (higher = more anomalous) with the score's calibrated K (unless given) and noise;
         `score` None: the model's default, as POST /anomaly-score chooses it."""
         m = self.manifest
-        score = score_asked(score, samples, m.default_score)
+        score = score_asked(score, samples, self.default_score)
         calibration = self.calibration(score)
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
         return score_with_graphs(self.encoder, self.decoder, xm, score=score, samples=samples or calibration.samples,
                                  seed=calibration.seed, latent_dim=m.latent_dim, likelihood=m.likelihood,
-                                 decoder_logvar=m.decoder_logvar, reference=m.typicality)
+                                 decoder_logvar=m.decoder_logvar, reference=m.typicality,
+                                 num_classes=m.num_classes, marginal=self.marginal)
 
     def explain(self, x: np.ndarray, samples: int | None = None, score: ScoreName | None = None) -> np.ndarray:
         """Each feature's part of the reconstruction term [N, D], nats, as POST /anomaly-score explains it."""
         m = self.manifest
-        score = score_asked(score, samples, m.default_score)
+        score = score_asked(score, samples, self.default_score)
         calibration = self.calibration(score)
         k = samples or calibration.samples
         shift, scale = m.preprocessing.arrays()
         xm = ((np.asarray(x, dtype=np.float32) - shift) / scale).astype(np.float32)
+        if self.marginal:  # each row under every class, the parts weighted by p(y | x) as the service does
+            parts = [label_marginal(*served_score(score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar),
+                                    m.num_classes, explanation(xb, out, k, m.likelihood, m.decoder_logvar))[3]
+                     for xb, mean, logvar, eps, out in graph_passes(
+                         self.encoder, self.decoder, xm, samples=k, seed=calibration.seed, latent_dim=m.latent_dim,
+                         num_classes=m.num_classes, marginal=True)]
+            return np.concatenate(parts)
         mean, logvar, *_ = self.encoder(xm)
         (out,) = self.decoder(sample_latents(mean, logvar, common_noise(k, m.latent_dim, calibration.seed)))
         return explanation(xm, out, k, m.likelihood, m.decoder_logvar)
 
     def calibration(self, score: ScoreName) -> Calibration:
-        calibration = self.manifest.calibration_for(score)
+        calibration = self.manifest.calibration_for(score, self.marginal)
         if calibration is None:
-            raise DataError(f"model {self.manifest.name} v{self.manifest.version} has no {score!r} score")
+            without = " without labels (elbo and iwae are)" if self.marginal else ""
+            raise DataError(f"model {self.manifest.name} v{self.manifest.version} has no {score!r} score{without}")
         return calibration
 
 
@@ -135,10 +162,11 @@ def evaluate_labelled(model_dir: Path, path: Path, *, label_column: str | None =
     x = align_columns(x, names, m.feature_names if names is not None else None, str(path))
     if x.shape[1] != m.input_dim:
         raise DataError(f"{path}: rows have {x.shape[1]} features, the model takes {m.input_dim}")
-    result = detection_metrics(y, scorer(x), m.calibration.threshold)
+    calibration = scorer.calibration(scorer.default_score)  # the score served by default, and its threshold
+    result = detection_metrics(y, scorer(x, None, scorer.default_score), calibration.threshold)
     return {"model": m.name, "version": m.version, "runtime": runtime, "data": str(path),
-            "score": m.calibration.score, "samples": m.calibration.samples,
-            "threshold_level": m.calibration.threshold_level, **result}
+            "score": calibration.score, "samples": calibration.samples,
+            "threshold_level": calibration.threshold_level, **result}
 
 
 SUBSAMPLE_ROWS = 10_000  # ADBench's data generator: a larger set is subsampled to this many rows per seed

@@ -123,7 +123,7 @@ class LocalScorer:
         from training.anomaly import ServedScorer
 
         self.scorer = ServedScorer.load(model_dir)
-        self.score = score_asked(score, samples, self.scorer.manifest.default_score)
+        self.score = score_asked(score, samples, self.scorer.default_score)
         self.calibration = self.scorer.calibration(self.score)
         self.samples, self.explain = samples, explain
         self.feature_names = self.scorer.manifest.feature_names
