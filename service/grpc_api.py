@@ -232,6 +232,18 @@ class Servicer:
                             lambda call, payload: _render(request, wanted, call, payload))
 
 
+def retry_metadata(status: grpc.StatusCode, message: str, seconds: int) -> tuple[tuple[str, str | bytes], ...]:
+    """Trailing metadata of a call to retry later: google.rpc.Status with a RetryInfo detail (gRPC's
+    rich error model, which grpcio-status and Google's client libraries read) and a plain `retry-after`."""
+    from google.protobuf import any_pb2, duration_pb2
+    from google.rpc import error_details_pb2, status_pb2
+
+    detail = any_pb2.Any()
+    detail.Pack(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
+    rich = status_pb2.Status(code=status.value[0], message=message, details=[detail])
+    return (("grpc-status-details-bin", rich.SerializeToString()), ("retry-after", str(seconds)))
+
+
 def _unary(servicer: Servicer, name: str, retry_after: int) -> grpc.RpcMethodHandler:
     method: Callable[[Any, Any], Awaitable[Any]] = getattr(servicer, name)
 
@@ -240,9 +252,8 @@ def _unary(servicer: Servicer, name: str, retry_after: int) -> grpc.RpcMethodHan
             return await method(request, context)
         except Exception as exc:  # noqa: BLE001 - every error is answered with its status code
             code, message, retry = grpc_error(exc)
-            if retry:
-                context.set_trailing_metadata((("retry-after", str(retry_after)),))
-            await context.abort(getattr(grpc.StatusCode, code), message)
+            status = getattr(grpc.StatusCode, code)
+            await context.abort(status, message, retry_metadata(status, message, retry_after) if retry else ())
 
     request_type, response_type = RPCS[name]
     return grpc.unary_unary_rpc_method_handler(run, request_deserializer=MESSAGES[request_type].FromString,

@@ -193,6 +193,7 @@ async def test_keys_overload_and_size_map_to_grpc_codes(repo, tmp_path):
         with pytest.raises(tg.InferenceServerException) as caught:  # 8 rows queued, the limit
             await client.infer("digits.encode", [tensor], headers={"x-api-key": "s3cret"})
         assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "retry later" in caught.value.message()
+        await _assert_retry_info(port)
         gate.open.set()
         await asyncio.gather(held, queued)
         big = tga.InferInput("inputs", [8, 64 * 64], "FP32")  # 128 KiB: over the 64 KiB body limit
@@ -201,6 +202,28 @@ async def test_keys_overload_and_size_map_to_grpc_codes(repo, tmp_path):
             await client.infer("digits.encode", [big], headers={"x-api-key": "s3cret"})
         assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
         await client.close()
+
+
+async def _assert_retry_info(port: int) -> None:
+    """An overloaded ModelInfer carries google.rpc.RetryInfo in its status details, as the rich error
+    model puts it (grpc-status-details-bin), with the server's Retry-After as its delay."""
+    from google.rpc import error_details_pb2, status_pb2
+    from tritonclient.grpc import service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="digits.encode")
+    tensor = request.inputs.add(name="inputs", datatype="FP32", shape=[8, 64])
+    request.raw_input_contents.append(digits_rows(8).tobytes())
+    assert tensor.name == "inputs"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=(("x-api-key", "s3cret"),))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailing = dict(caught.value.trailing_metadata() or ())
+    rich = status_pb2.Status.FromString(trailing["grpc-status-details-bin"])
+    info = error_details_pb2.RetryInfo()
+    assert rich.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and rich.details[0].Unpack(info)
+    assert info.retry_delay.seconds == int(trailing["retry-after"]) >= 1
 
 
 def test_the_extension_messages_have_tritons_field_numbers():
