@@ -219,7 +219,7 @@ class Servicer:
             tensors = _tensors(request, op)
             wanted.update(_wanted(request, op))
             validated = validate_params(op.params, {**params, "model": model_name, "version": number}, strict=True)
-            model = repository.get(model_name, number)
+            model = v2.served_model(repository, model_name, number, op)
             arrays = v2.tensor_fields(v2.InferRequest(name=request.model_name, tensors=tensors), op)
 
             async def gone() -> bool:

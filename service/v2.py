@@ -29,7 +29,7 @@ from service.deps import AppState, State, add_head
 from service.errors import InvalidInput, MalformedBody, ModelNotFound, NotReady, quoted
 from service.operations import OPERATIONS, Operation, Payload, served_by
 from service.pipeline import handle, read_body, validate_params
-from service.repository import LoadedModel
+from service.repository import LoadedModel, Repository
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol v2"])
 
@@ -314,7 +314,7 @@ async def infer(request: Request, state: AppState, name: str, version: str | Non
             lambda header: codec.check_json_values(header, state.settings.max_rows, repository.widest_row()))
         parsed.append(infer_request)
         validated = validate_params(op.params, {**params, "model": model_name, "version": number}, strict=True)
-        model = repository.get(model_name, number)
+        model = served_model(repository, model_name, number, op)
         return Call(params=validated, model=model, arrays=tensor_fields(infer_request, op), npy=None,
                     settings=state.settings, maybe_bools=False, gone=request.is_disconnected)
 
@@ -354,11 +354,19 @@ async def ready(state: State) -> Response:
 async def resolve(state: AppState, name: str, version: str | None) -> tuple[LoadedModel, Operation, list[int]]:
     model_name, op = split_name(name)
     repo = await state.loaded_repository()
-    model = repo.get(model_name, parse_version(version))
-    if op not in served_by(model.semi_supervised):
-        raise ModelNotFound(f"v2 model {quoted(name)}: {model.name} v{model.version} has no classifier, so no "
-                            f"{op.name} operation (semi-supervised models have one)", field="model_name")
+    model = served_model(repo, model_name, parse_version(version), op)
     return model, op, sorted(repo.models[model.name])
+
+
+def served_model(repo: Repository, model_name: str, version: int | None, op: Operation) -> LoadedModel:
+    """The model version behind a v2 model `<model_name>.<op>`: not found, as v2 lists it, when that model
+    does not serve the operation (`<model>.classify` of a model without a classifier)."""
+    model = repo.get(model_name, version)
+    if op not in served_by(model.semi_supervised):
+        raise ModelNotFound(f"v2 model {quoted(model_name + '.' + op.name)}: {model.name} v{model.version} has no "
+                            f"classifier, so no {op.name} operation (semi-supervised models have one)",
+                            field="model_name")
+    return model
 
 
 @router.get("/models/{name}", summary="Model metadata: inputs and outputs (name, datatype, shape)")

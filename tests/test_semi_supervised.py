@@ -183,7 +183,7 @@ async def test_sample_draws_labels_from_the_prior_or_takes_one(semi_repo: Path) 
 @pytest.mark.parametrize(("path", "body", "status", "needle"), [
     ("/classify", {"model": "tiny", "inputs": [[0.0] * 64]}, 422, "has no classifier"),
     ("/v2/models/tiny.classify/infer", {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, 64],
-                                                     "data": [0.0] * 64}]}, 400, "has no classifier"),
+                                                     "data": [0.0] * 64}]}, 400, "no classify operation"),
     ("/classify", {"model": "semi", "inputs": [[0.0] * 64], "label": "3"}, 422, "label"),
     ("/decode", {"model": "semi", "latents": [[0.0] * 4]}, 422, "semi-supervised model infers it"),
     ("/interpolate", {"model": "semi", "start_latent": [0.0] * 4, "end_latent": [1.0] * 4}, 422, "not here"),
