@@ -109,11 +109,10 @@ async def _anomaly_score(call: Call, state: AppState) -> Payload:
     samples = p.samples or calibration.samples
     call.check_range("samples", samples, s.max_samples, "VAE_MAX_SAMPLES")
     x = call.rows("inputs")
-    if marginal:  # every row decodes once per class
-        call.check_range("samples", len(x) * samples * model.num_classes, s.max_decode_rows,
-                         "rows x samples x classes (the label is marginalised), VAE_MAX_DECODE_ROWS")
-    else:
-        call.check_range("samples", len(x) * samples, s.max_decode_rows, "rows x samples, VAE_MAX_DECODE_ROWS")
+    copies = model.num_classes if marginal else 1  # a marginalised label: every row decodes once per class
+    call.check_range("samples", len(x) * samples * copies, s.max_decode_rows,
+                     "rows x samples x classes (the label is marginalised), VAE_MAX_DECODE_ROWS" if marginal
+                     else "rows x samples, VAE_MAX_DECODE_ROWS")
     result = await inference.anomaly_score(model, x=x, score=score, samples=samples, calibration=calibration,
                                            threshold=p.threshold, labels=call.labels(len(x), inferred=True),
                                            explain=p.explain,
@@ -150,7 +149,11 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
 )}
 
 
-def served_by(semi_supervised: bool) -> list[Operation]:
-    """The operations a model answers (what v2 lists as `<model>.<operation>`): /classify only where the
-    model has a classifier."""
-    return [op for op in OPERATIONS.values() if semi_supervised or op.name != "classify"]
+# The operations a model answers (what v2 lists as `<model>.<operation>`), by whether it is semi-supervised:
+# /classify only where the model has a classifier. Built once: v2 and gRPC infer look it up per request.
+_SERVED = {True: tuple(OPERATIONS.values()),
+           False: tuple(op for op in OPERATIONS.values() if op.name != "classify")}
+
+
+def served_by(semi_supervised: bool) -> tuple[Operation, ...]:
+    return _SERVED[semi_supervised]

@@ -160,8 +160,7 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
                 xb = torch.bernoulli(xb.clamp(0, 1), generator=gen)
             if semi:
                 assert y_train is not None and labelled_rows is not None
-                loss, parts = _semi_supervised_loss(model, x_train, y_train, xb, rows, labelled_rows, b, cfg,
-                                                    beta, gen)
+                loss, parts = _semi_supervised_loss(model, x_train, y_train, xb, labelled_rows, b, cfg, beta, gen)
                 for k, v in parts.items():
                     terms[k] += v * len(xb)
             else:
@@ -211,13 +210,13 @@ def train(data: Dataset, model_cfg: ModelConfig, cfg: TrainConfig, *, device: to
 
 
 def _semi_supervised_loss(model: VAE, x_train: torch.Tensor, y_train: torch.Tensor, xb: torch.Tensor,
-                          rows: torch.Tensor, labelled_rows: torch.Tensor, step: int, cfg: TrainConfig, beta: float,
+                          labelled_rows: torch.Tensor, step: int, cfg: TrainConfig, beta: float,
                           gen: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     """One step's M2 objective, per training row: the labelled rows' -ELBO given their label and the
     unlabelled rows' label-marginal bound, each weighted by its share of the training rows, plus
     `classify_weight` times the labelled rows' mean -log q(y|x) (the term that trains the classifier on
     the labels; Hughes et al. 2018 show it needs a weight well above Kingma's 0.1 to classify well).
-    `xb`/`rows` are the step's rows (unlabelled, or labelled when every row is); the labelled batch
+    `xb` is the step's rows (unlabelled, or labelled when every row is); the labelled batch
     cycles through the labelled rows, `cfg.batch_size` at a time."""
     n_train, n_labelled = len(x_train), len(labelled_rows)
     size = min(cfg.batch_size, n_labelled)
