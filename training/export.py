@@ -289,7 +289,7 @@ def export_model(model: VAE, data: Dataset, *, name: str, output: Path, training
         with torch.no_grad():
             z_example = torch.from_numpy(_labelled(model.encoder(example)[0].numpy(), y_val, c))
         _export_graph(model.output_head(), z_example, work, DECODER_TS, DECODER_ONNX, "z", ["x_mean"])
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(work / WEIGHTS_FILE))
+        save_file({k: v.contiguous() for k, v in model.weights().items()}, str(work / WEIGHTS_FILE))
         say("checking both runtimes against the eager model")
         parity = check_parity(work, model, x_val, y_val)
         keep = typicality_rows(len(data.x_train))

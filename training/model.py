@@ -218,6 +218,10 @@ class VAE(nn.Module):
         kl = gaussian_kl(mean, logvar)
         return ELBO(loss=reconstruction + beta * kl, reconstruction=reconstruction, kl=kl)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What the model folder's weights file holds: the state dict (a stack's says which network's is which)."""
+        return self.state_dict()
+
     def output_head(self) -> OutputHead:
         return OutputHead(self.decoder, self.cfg.likelihood)
 
