@@ -13,12 +13,16 @@ import shlex
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from training.config import ModelConfig, TrainConfig
-from training.data import DATASETS, DataError, column_list, load_dataset
+from training.data import DATASETS, DataError, Dataset, column_list, load_dataset
+
+if TYPE_CHECKING:
+    from training.model import VAE
+    from training.stack import Stack
 
 IMAGE_DATASETS = ("digits", "mnist")
 # Defaults that differ between images and tables. For tables they were chosen with
@@ -213,7 +217,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
         raise DataError("--labelled-per-class hides labels for a semi-supervised model; add --semi-supervised")
     stack = None
     if args.stack_on is not None:
-        from training.stack import latent_dataset
+        from training.stack import stack_on
 
         if not args.semi_supervised:
             raise DataError("--stack-on trains the M2 of M1+M2, a semi-supervised model; add --semi-supervised")
@@ -221,10 +225,11 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
             raise DataError("with --stack-on, M2 models M1's latent means: an MLP with a Gaussian decoder "
                             "(leave out --arch, --binarize and --likelihood; M1 keeps its own)")
         likelihood = "gaussian"
-        stack = latent_dataset(args.stack_on, data)
-        print(f"M1+M2: M2 over the {stack[0].input_dim} active latent units (of {stack[5]['latent_dim']}) of "
-              f"{stack[5]['name']} v{stack[5]['version']}")
-        data = stack[0]
+        stack = stack_on(args.stack_on, data)
+        m1 = stack.record
+        print(f"M1+M2: M2 over the {stack.latents.input_dim} active latent units (of {m1['latent_dim']}) of "
+              f"{m1['name']} v{m1['version']}")
+        data = stack.latents
     if args.semi_supervised and (args.trim or args.refit):
         raise DataError("--trim and --refit leave out rows a model fits worst; a semi-supervised model learns "
                         "from every row (leave both out)")
@@ -309,7 +314,7 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     model = result.model
     if stack:
         model, data, metrics = _stacked(result.model, stack, metrics)
-        training["stacked_on"] = stack[5]
+        training["stacked_on"] = stack.record
         training["history_of"] = "M2, over M1's latent means (nats of those features)"
     folder, manifest = export_model(model, data, name=name, output=args.output, training=training,
                                     metrics=metrics, sign=args.sign, new_model=args.name is None,
@@ -327,14 +332,13 @@ def run_training(args: argparse.Namespace, argv: list[str]) -> Path:
     return folder
 
 
-def _stacked(m2: Any, stack: tuple[Any, ...], m2_metrics: dict[str, float]) -> tuple[Any, Any, dict[str, float]]:
+def _stacked(m2: VAE, stack: Stack, m2_metrics: dict[str, float]) -> tuple[VAE, Dataset, dict[str, float]]:
     """The M1+M2 stack as one model of the rows, the rows' dataset, and the stack's own validation figures
     (its label-marginal bound on the rows; M2's, over the features, kept as m2_*)."""
-    from training.stack import StackedVAE
     from training.train import accuracy, evaluate_elbo
 
-    _, rows, m1, features, fill, record = stack
-    model = StackedVAE(m1, m2.cpu().eval(), features, fill, record).eval()
+    rows = stack.rows
+    model = stack.model(m2.cpu().eval()).eval()
     x_val = torch.from_numpy(rows.preprocessing.apply(rows.x_val))
     e = evaluate_elbo(model, x_val)
     metrics = {"val_neg_elbo": e["loss"], "val_reconstruction": e["reconstruction"], "val_kl": e["kl"],

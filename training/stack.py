@@ -139,9 +139,24 @@ class StackConfig(ModelConfig):
     stacked_on: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+@dataclasses.dataclass
+class Stack:
+    """M1 and what M2 learns from: the rows' active latent means, as a Dataset with the rows' labels."""
+
+    latents: Dataset  # M2's training data
+    rows: Dataset  # the rows, with M1's preprocessing: what the stack is exported and calibrated on
+    m1: VAE
+    features: Features
+    fill: torch.Tensor  # [L1]: each inactive unit's mean over the training rows, 0 where active
+    record: dict[str, Any]  # M1's folder, name, version, units and file hashes, for the manifest
+
+    def model(self, m2: VAE) -> StackedVAE:
+        return StackedVAE(self.m1, m2, self.features, self.fill, self.record)
+
+
 def m1_preprocessing(manifest: Manifest) -> Preprocessing:
-    p = manifest.preprocessing
-    return Preprocessing(p.kind, np.asarray(p.shift, dtype=np.float32), np.asarray(p.scale, dtype=np.float32))
+    p = manifest.preprocessing  # float64, so the stack's manifest repeats M1's numbers exactly
+    return Preprocessing(p.kind, np.asarray(p.shift, dtype=np.float64), np.asarray(p.scale, dtype=np.float64))
 
 
 @torch.no_grad()
@@ -150,12 +165,8 @@ def _latent_means(m1: VAE, x: np.ndarray) -> np.ndarray:
                            for i in range(0, len(x), ENCODE_BATCH)])
 
 
-def latent_dataset(folder: Path, data: Dataset) -> tuple[Dataset, Dataset, VAE, Features, torch.Tensor,
-                                                         dict[str, Any]]:
-    """M2's training data: M1's active latent means of `data`'s rows (labels as `data` has them).
-
-    Returns (the features as a Dataset, `data` with M1's preprocessing, M1, the feature module, the
-    inactive units' fill, and a record of M1 for the manifest)."""
+def stack_on(folder: Path, data: Dataset) -> Stack:
+    """M1 from `folder` and its active latent means of `data`'s rows (labels as `data` has them)."""
     manifest, m1 = load_vae(folder)
     if manifest.input_dim != data.input_dim:
         raise DataError(f"--stack-on {folder}: {manifest.name} v{manifest.version} takes rows of {manifest.input_dim} "
@@ -182,4 +193,4 @@ def latent_dataset(folder: Path, data: Dataset) -> tuple[Dataset, Dataset, VAE, 
     record = {"folder": str(folder), "name": manifest.name, "version": manifest.version,
               "latent_dim": manifest.latent_dim, "active_units": active.tolist(),
               "files": manifest.files}
-    return latents, data, m1, module, torch.from_numpy(fill), record
+    return Stack(latents, data, m1, module, torch.from_numpy(fill), record)
