@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
 from service.grpc_api import GrpcServer
 from service.metrics import Metrics, multiprocess_dir
+from service.pools import Pools
 from service.repository import Repository
 from service.routes import ARRAY_ENDPOINTS, Endpoint, router
 from service.settings import Settings, get_settings
@@ -130,9 +130,12 @@ def create_app(settings: Settings | None = None) -> VAEApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One inference thread: on a small CPU the event loop keeps the other core, and batches of
-        # different networks never contend for the same cores.
-        executor = ThreadPoolExecutor(max_workers=settings.inference_threads, thread_name_prefix="vae-inference")
-        repository = Repository(settings, state.metrics, executor)
+        # different networks never contend for the same cores. Large work runs below their priority
+        # (service.pools); the loop's default executor is that pool, so every asyncio.to_thread (scoring a
+        # large pass, drawing a picture, loading a model) does too.
+        pools = Pools.start(settings.inference_threads, settings.background_nice)
+        asyncio.get_running_loop().set_default_executor(pools.background)
+        repository = Repository(settings, state.metrics, pools)
         grpc_server = GrpcServer(state, app.keys) if settings.grpc_port else None  # type: ignore[attr-defined]
         if grpc_server is not None:
             await grpc_server.start()
@@ -181,7 +184,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
                 watching.cancel()
             if grpc_server is not None:  # HTTP has drained; gRPC's in-flight calls get as long as a request may take
                 await grpc_server.stop(settings.request_timeout)
-            executor.shutdown(wait=True, cancel_futures=False)
+            pools.shutdown()
             if multiprocess_dir() is not None:
                 prom_multiprocess.mark_process_dead(os.getpid())
 

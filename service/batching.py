@@ -85,14 +85,18 @@ class _Item:
 
 class Batcher:
     def __init__(self, fn: BatchFn, *, name: str, max_batch_size: int, max_delay_s: float, max_queue_rows: int,
-                 executor: Executor | None = None, metrics: BatcherMetrics | None = None):
-        """`executor` runs the forward passes (one thread is the intent); a private one if None."""
+                 executor: Executor | None = None, background: Executor | None = None,
+                 metrics: BatcherMetrics | None = None):
+        """`executor` runs the forward passes (one thread is the intent); a private one if None.
+        `background`, if given, runs the passes larger than `max_batch_size` instead (a lone large call),
+        so that they never hold up a batch of small ones."""
         self.fn = fn
         self.name = name
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.max_queue_rows = max_queue_rows
         self.executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batcher-{name}")
+        self.background = background or self.executor
         self.metrics = metrics
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_rows = 0
@@ -172,7 +176,9 @@ class Batcher:
                 item.observer.waited(now - item.enqueued, len(item.rows))
         # The worker thread hands the outcome straight back with call_soon_threadsafe: one loop pass,
         # where run_in_executor's wrapping asyncio future cost another (and an object per batch).
-        done = self.executor.submit(self._run, [item.rows for item in items])
+        parts = [item.rows for item in items]
+        executor = self.background if len(parts) == 1 and len(parts[0]) > self.max_batch_size else self.executor
+        done = executor.submit(self._run, parts)
         done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._finish, loop, items, outcome))
 
     def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float, float]:

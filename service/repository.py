@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -27,6 +26,7 @@ from service.errors import ModelNotFound, quoted
 from service.folder import open_folder
 from service.manifest import GRAPH_FILES, Manifest, ManifestError
 from service.metrics import Metrics
+from service.pools import Pools
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
 from service.scoring import common_noise
 from service.settings import Settings
@@ -156,10 +156,10 @@ class ReloadReport:
 
 
 class Repository:
-    def __init__(self, settings: Settings, metrics: Metrics, executor: Executor | None):
+    def __init__(self, settings: Settings, metrics: Metrics, pools: Pools | None):
         self.settings = settings
         self.metrics = metrics
-        self.executor = executor
+        self.pools = pools
         self.device = resolve_device(settings.device)
         self.trusted = load_public_keys(settings.trusted_keys) if settings.trusted_keys else None
         self.models: dict[str, dict[int, LoadedModel]] = {}
@@ -282,7 +282,9 @@ class Repository:
         def batcher(graph: Graph, network: str) -> Batcher:
             return Batcher(graph, name=f"{manifest.name}/{manifest.version}/{network}",
                            max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
-                           max_queue_rows=s.max_queue_rows, executor=self.executor,
+                           max_queue_rows=s.max_queue_rows,
+                           executor=None if self.pools is None else self.pools.inference,
+                           background=None if self.pools is None else self.pools.background,
                            metrics=self.metrics.network(manifest.name, manifest.version, network))
 
         return LoadedModel(manifest=manifest, folder=folder, runtime=runtime, device=self.device,

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
                                  "forward pass of /anomaly-score; a larger request runs as several passes")
     inference_threads: int = Field(1, ge=1, le=64, description="threads running forward passes, shared by every "
                                    "model; each network runs one pass at a time")
+    background_nice: int = Field(10, ge=0, le=19, description="how far below the light work's CPU priority "
+                                 "large work runs (passes over VAE_MAX_BATCH_SIZE rows, scoring, pictures); 0 = "
+                                 "the same")
     max_steps: int = Field(256, ge=2, description="points per /interpolate request")
     max_picture_pixels: int = Field(16 * 1024 * 1024, ge=4096, description="pixels in one PNG answer (width x "
                                     "height x channels); a larger picture is a 422 before it is drawn")

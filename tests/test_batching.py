@@ -1,6 +1,7 @@
 """The batcher on its own: gates (threading.Event) instead of sleeps decide what runs when."""
 
 import asyncio
+import concurrent.futures
 import threading
 
 import numpy as np
@@ -197,3 +198,45 @@ async def test_many_concurrent_callers_each_get_their_own_rows():
         np.testing.assert_array_equal(out[0], 2 * rows(i, 1 + i % 3))
     assert max(len(x) for x in fn.batches) > 1
     assert sum(len(x) for x in fn.batches) == sum(1 + i % 3 for i in range(200))
+
+
+class Blocking:
+    """fn(x) = [x]; names the thread each batch ran on; blocks while `gate` is clear."""
+
+    def __init__(self) -> None:
+        self.threads: list[str] = []
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.gate.wait(10)
+        return [x]
+
+
+async def test_a_large_call_runs_in_the_background_and_holds_up_no_other_model():
+    """Two models share one inference thread; one's call larger than a batch runs on the background pool,
+    so while it is stuck the other model's small calls still run on the inference thread."""
+    light_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="light")
+    background = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="background")
+    heavy_fn, small_fn = Blocking(), Gated()
+    pools = {"executor": light_pool, "background": background}
+    heavy, small = make(heavy_fn, max_batch_size=4, **pools), make(small_fn, max_batch_size=4, **pools)
+    try:
+        stuck = asyncio.create_task(heavy(rows(0, 9)))
+        assert await asyncio.to_thread(heavy_fn.entered.wait, 10)
+        out = await asyncio.wait_for(small(rows(0, 2)), 5)  # the inference thread is free
+        np.testing.assert_array_equal(out[0], 2 * rows(0, 2))
+        assert not stuck.done()
+        heavy_fn.gate.set()
+        heavy_fn.entered.clear()
+        (big,) = await stuck
+        np.testing.assert_array_equal(big, rows(0, 9))
+        (four,) = await heavy(rows(0, 4))  # one batch's worth is not large: the inference thread
+        assert four.shape == (4, 3)
+        assert heavy_fn.threads[0].startswith("background") and heavy_fn.threads[1].startswith("light")
+    finally:
+        heavy_fn.gate.set()
+        light_pool.shutdown()
+        background.shutdown()
