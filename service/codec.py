@@ -9,7 +9,9 @@ from __future__ import annotations
 import io
 import math
 import re
+import struct
 import zipfile
+import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -285,14 +287,47 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return _NPY_MAGIC + b"\x01\x00" + len(header_bytes).to_bytes(2, "little") + header_bytes + array.tobytes()
 
 
+# A stored (uncompressed) ZIP entry's fixed parts (APPNOTE 4.3.7, 4.3.12, 4.3.16) as zipfile writes them
+# for a ZipInfo: version 2.0, made on Unix, mode 0600, no flags, method 0, the DOS date 1980-01-01 00:00
+# (so equal answers are equal bytes), then CRC-32 and sizes.
+_LOCAL = struct.Struct("<IHHHHHIIIHH")
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")
+_END = struct.Struct("<IHHHHIIH")
+_DOS_DATE = (0 << 9) | (1 << 5) | 1
+_MADE_ON_UNIX = (3 << 8) | 20
+_MODE_0600 = 0o600 << 16
+_ZIP32_LIMIT = 0xFFFF_FFFF
+
+
 def encode_npz(payload: dict[str, Any]) -> bytes:
-    """One array per field (scalars as 0-d arrays), stored uncompressed; loads without pickle."""
+    """One array per field (scalars as 0-d arrays), stored uncompressed; loads without pickle.
+
+    The archive is written directly: zipfile's per-entry bookkeeping cost ~100 us an answer, a tenth of
+    the event loop's time at the bulk `.npy` cell; a stored entry is a fixed header, the bytes and their
+    CRC-32. An answer too large for 32-bit sizes (ZIP64) is left to zipfile."""
+    entries = [(f"{key}.npy".encode(), _npy_bytes(value if isinstance(value, np.ndarray) else np.asarray(value)))
+               for key, value in payload.items() if value is not None]
+    if sum(len(name) + len(data) + 76 for name, data in entries) + _END.size > _ZIP32_LIMIT:
+        return _encode_npz_zip64(entries)
+    parts: list[bytes] = []
+    central: list[bytes] = []
+    offset = 0
+    for name, data in entries:
+        crc, size = zlib.crc32(data), len(data)
+        parts += [_LOCAL.pack(0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0), name, data]
+        central += [_CENTRAL.pack(0x02014B50, _MADE_ON_UNIX, 20, 0, 0, 0, _DOS_DATE, crc, size, size, len(name), 0,
+                                  0, 0, 0, _MODE_0600, offset), name]
+        offset += _LOCAL.size + len(name) + size
+    directory = b"".join(central)
+    return b"".join([*parts, directory, _END.pack(0x06054B50, 0, 0, len(entries), len(entries), len(directory),
+                                                  offset, 0)])
+
+
+def _encode_npz_zip64(entries: list[tuple[bytes, bytes]]) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
-        for key, value in payload.items():
-            if value is None:
-                continue
-            archive.writestr(f"{key}.npy", _npy_bytes(value if isinstance(value, np.ndarray) else np.asarray(value)))
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, data in entries:
+            archive.writestr(zipfile.ZipInfo(name.decode(), date_time=(1980, 1, 1, 0, 0, 0)), data)
     return buffer.getvalue()
 
 
