@@ -24,7 +24,7 @@ from service.deps import AppState, add_head
 from service.errors import V2_PREFIX, Unauthorized, install_handlers, response_for
 from service.grpc_api import GrpcServer
 from service.metrics import Metrics, multiprocess_dir
-from service.pools import Pools
+from service.pools import Pools, run_in
 from service.repository import Repository
 from service.routes import ARRAY_ENDPOINTS, Endpoint, router
 from service.settings import Settings, get_settings
@@ -130,11 +130,9 @@ def create_app(settings: Settings | None = None) -> VAEApp:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One inference thread: on a small CPU the event loop keeps the other core, and batches of
-        # different networks never contend for the same cores. Large work runs below their priority
-        # (service.pools); the loop's default executor is that pool, so every asyncio.to_thread (scoring a
-        # large pass, drawing a picture, loading a model) does too.
+        # different networks never contend for the same cores. Large work (passes over a batch, scoring
+        # large passes, drawing pictures, loading models) runs below their priority (service.pools).
         pools = Pools.start(settings.inference_threads, settings.background_nice)
-        asyncio.get_running_loop().set_default_executor(pools.background)
         repository = Repository(settings, state.metrics, pools)
         grpc_server = GrpcServer(state, app.keys) if settings.grpc_port else None  # type: ignore[attr-defined]
         if grpc_server is not None:
@@ -142,7 +140,7 @@ def create_app(settings: Settings | None = None) -> VAEApp:
 
         async def load() -> None:
             try:
-                await asyncio.to_thread(repository.load_all)
+                await run_in(pools.background, repository.load_all)
                 state.repository = repository
             except Exception as e:  # noqa: BLE001 - reported by /health/ready and the log
                 log.exception("loading the model repository failed")

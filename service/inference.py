@@ -9,7 +9,6 @@ refused (422, naming the row) rather than answered with NaN, which JSON would ca
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,6 +17,7 @@ import numpy as np
 
 from service.errors import ClientGone, InvalidInput
 from service.manifest import Calibration, ScoreName, Typicality
+from service.pools import run_in
 from service.repository import LoadedModel
 from service.scoring import every_label, explanation, label_marginal, sample_latents, served_score, with_label
 
@@ -218,7 +218,7 @@ async def anomaly_score(model: LoadedModel, *, x: np.ndarray, score: ScoreName, 
         args = (score, xb, mean, logvar, eps, out, m.likelihood, m.decoder_logvar, m.typicality, explain)
         # A pass's arithmetic is float64 over every decoded value: tens of ms for a full pass, which the
         # event loop must not spend. numpy lets go of the GIL for it, so a worker thread frees the loop.
-        part = await asyncio.to_thread(_score_pass, *args) if out.size > OFFLOAD_VALUES else _score_pass(*args)
+        part = await run_in(model.background, _score_pass, *args) if out.size > OFFLOAD_VALUES else _score_pass(*args)
         if marginal:
             part = label_marginal(part[0], part[1], part[2], model.num_classes, part[3] if explain else None)
         parts.append(part)

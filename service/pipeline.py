@@ -23,6 +23,7 @@ from service.call import Call
 from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.operations import Operation, Payload
+from service.pools import run_in
 from service.schemas import ARRAY_FIELDS, DecodeParams, PictureFields
 from service.statistics import RequestTiming
 
@@ -109,7 +110,10 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
                 payload = await op.run(call, state)
                 # A picture (up to VAE_MAX_PICTURE_PIXELS) is drawn and compressed in a worker thread, where
                 # Pillow's encoder lets go of the GIL; every other answer is built here, bounded by the row limits.
-                response = await asyncio.to_thread(render, call, payload) if call.png else render(call, payload)
+                if call.png:
+                    response = await run_in(call.model.background, render, call, payload)
+                else:
+                    response = render(call, payload)
         except TimeoutError:
             raise Timeout(f"the request took longer than {state.settings.request_timeout:g}s "
                           "(VAE_REQUEST_TIMEOUT); its rows were dropped from the queue") from None

@@ -10,13 +10,17 @@ a thread's nice value is the whole process's, so it is left alone).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger("vaeserve")
+T = TypeVar("T")
 
 
 def lower_priority(nice: int) -> None:
@@ -27,6 +31,13 @@ def lower_priority(nice: int) -> None:
         os.nice(nice)
     except OSError as e:  # a sandbox may forbid it; the pools still work, without priorities
         log.warning("could not lower the background threads' CPU priority (VAE_BACKGROUND_NICE): %s", e)
+
+
+async def run_in(executor: Executor | None, fn: Callable[..., T], *args: object) -> T:
+    """fn(*args) on `executor` (the background pool), off the event loop; asyncio's default pool if None."""
+    if executor is None:
+        return await asyncio.to_thread(fn, *args)
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -26,7 +27,7 @@ from service.errors import ModelNotFound, quoted
 from service.folder import open_folder
 from service.manifest import GRAPH_FILES, Manifest, ManifestError
 from service.metrics import Metrics
-from service.pools import Pools
+from service.pools import Pools, run_in
 from service.runtime import RUNTIMES, Graph, Runtime, cuda_available, load_graph
 from service.scoring import common_noise
 from service.settings import Settings
@@ -44,6 +45,7 @@ class LoadedModel:
     encoder: Batcher  # x [N, D] (model space) -> mean, logvar (semi-supervised: and q(y|x) [N, C])
     decoder: Batcher  # z [N, L] -> x_mean [N, D] (model space)
     runtime_timings: dict[str, float] = field(default_factory=dict)
+    background: Executor | None = None  # large work off the event loop (service.pools); asyncio's pool if None
     drift: dict[str, ScoreDrift] = field(default_factory=dict)  # per score, against its calibration (at its K)
 
     def __post_init__(self) -> None:
@@ -160,6 +162,7 @@ class Repository:
         self.settings = settings
         self.metrics = metrics
         self.pools = pools
+        self._background = None if pools is None else pools.background
         self.device = resolve_device(settings.device)
         self.trusted = load_public_keys(settings.trusted_keys) if settings.trusted_keys else None
         self.models: dict[str, dict[int, LoadedModel]] = {}
@@ -234,7 +237,7 @@ class Repository:
         """
         async with self._lock:
             report = ReloadReport()
-            found = await asyncio.to_thread(self.discover)
+            found = await run_in(self._background, self.discover)
             for name, versions in list(self.models.items()):
                 for version in list(versions):
                     if f"{name}/{version}" not in found:
@@ -243,8 +246,8 @@ class Repository:
             for key in [k for k in self.failures if k not in found]:
                 del self.failures[key]
                 self._refused_at.pop(key, None)
-            for key, folder in (await asyncio.to_thread(self._pending, found)).items():
-                model = await asyncio.to_thread(self._try_load, key, folder)
+            for key, folder in (await run_in(self._background, self._pending, found)).items():
+                model = await run_in(self._background, self._try_load, key, folder)
                 if model is None:
                     report.refused[key] = self.failures[key]
                 else:
@@ -284,12 +287,13 @@ class Repository:
                            max_batch_size=s.max_batch_size, max_delay_s=s.max_batch_delay_ms / 1000,
                            max_queue_rows=s.max_queue_rows,
                            executor=None if self.pools is None else self.pools.inference,
-                           background=None if self.pools is None else self.pools.background,
+                           background=self._background,
                            metrics=self.metrics.network(manifest.name, manifest.version, network))
 
         return LoadedModel(manifest=manifest, folder=folder, runtime=runtime, device=self.device,
                            encoder=batcher(encoder_graph, "encoder"), decoder=batcher(decoder_graph, "decoder"),
                            runtime_timings={k: round(v * 1e6, 1) for k, v in timings.items()},
+                           background=self._background,
                            drift={score: ScoreDrift(cal, s.drift_window_rows) for score, cal in
                                   {"elbo": manifest.calibration, **manifest.calibrations}.items()})
 
