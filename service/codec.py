@@ -307,7 +307,8 @@ def encode_npz(payload: dict[str, Any]) -> bytes:
     CRC-32. An answer too large for 32-bit sizes (ZIP64) is left to zipfile."""
     entries = [(f"{key}.npy".encode(), _npy_bytes(value if isinstance(value, np.ndarray) else np.asarray(value)))
                for key, value in payload.items() if value is not None]
-    if sum(len(name) + len(data) + 76 for name, data in entries) + _END.size > _ZIP32_LIMIT:
+    total = sum(_LOCAL.size + _CENTRAL.size + 2 * len(name) + len(data) for name, data in entries) + _END.size
+    if total > _ZIP32_LIMIT:
         return _encode_npz_zip64(entries)
     parts: list[bytes] = []
     central: list[bytes] = []

@@ -162,13 +162,16 @@ class Repository:
         self.settings = settings
         self.metrics = metrics
         self.pools = pools
-        self._background = None if pools is None else pools.background
         self.device = resolve_device(settings.device)
         self.trusted = load_public_keys(settings.trusted_keys) if settings.trusted_keys else None
         self.models: dict[str, dict[int, LoadedModel]] = {}
         self.failures: dict[str, str] = {}
         self._refused_at: dict[str, Fingerprint] = {}
         self._lock = asyncio.Lock()
+
+    @property
+    def _background(self) -> Executor | None:
+        return None if self.pools is None else self.pools.background
 
     def discover(self) -> dict[str, Path]:
         """Every `name/version` folder on disk ("." folders, such as exports in progress, are skipped)."""
