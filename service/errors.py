@@ -8,6 +8,7 @@ body is that protocol's `{"error": "..."}`, with the same status code.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import reprlib
 from typing import Any
@@ -149,6 +150,8 @@ def status_of(exc: BaseException, *, v2: bool = False) -> int:
         return 400 if v2 and exc.status in V2_AS_BAD_REQUEST else exc.status
     if isinstance(exc, QueueFull):
         return 503
+    if isinstance(exc, asyncio.CancelledError):  # the caller cancelled, or its deadline passed
+        return ClientGone.status
     if isinstance(exc, RequestValidationError):
         return 400 if v2 else 422
     if isinstance(exc, StarletteHTTPException):

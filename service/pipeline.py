@@ -119,7 +119,7 @@ async def handle(state: AppState, endpoint: str, op: Operation, parse_call: Call
                           "(VAE_REQUEST_TIMEOUT); its rows were dropped from the queue") from None
         status = 200
         return response
-    except Exception as exc:
+    except (Exception, asyncio.CancelledError) as exc:  # cancelled: a gRPC client that gave up (a 499, not a 500)
         status = status_of(exc, v2=endpoint.startswith("v2"))
         raise
     finally:

@@ -204,6 +204,29 @@ async def test_keys_overload_and_size_map_to_grpc_codes(repo, tmp_path):
         await client.close()
 
 
+@pytest.mark.anyio
+async def test_a_call_its_client_cancels_is_counted_as_cancelled_not_as_a_server_error(repo):
+    port = free_port()
+    async with serving(repo, grpc_port=port, reload_interval=0) as (app, http):
+        encoder = app.state.vae.repository.get(None, None).encoder
+        gate = Gate(encoder.fn)
+        encoder.fn = gate
+        client = tga.InferenceServerClient(f"127.0.0.1:{port}")
+        tensor = tga.InferInput("inputs", [1, 64], "FP32")
+        tensor.set_data_from_numpy(digits_rows(1))
+        with pytest.raises(tg.InferenceServerException) as caught:
+            await client.infer("digits.encode", [tensor], client_timeout=0.5)
+        assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        gate.open.set()
+        await asyncio.sleep(0.2)
+        await client.close()
+        metrics = (await http.get("/metrics")).text
+        stats = app.state.vae.statistics.get("digits", 1, "encode")
+    assert 'endpoint="grpc/encode",model="digits",status="499",version="1"} 1.0' in metrics
+    assert 'endpoint="grpc/encode",model="digits",status="500"' not in metrics
+    assert stats.phases["fail"].count == 1 and stats.phases["success"].count == 0
+
+
 async def _assert_retry_info(port: int) -> None:
     """An overloaded ModelInfer carries google.rpc.RetryInfo in its status details, as the rich error
     model puts it (grpc-status-details-bin), with the server's Retry-After as its delay."""
