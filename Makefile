@@ -22,14 +22,14 @@ run: setup
 # Tools the integration tests use from Debian: Prometheus (with promtool) and wrk. Installed when
 # missing and possible (root with apt-get); otherwise the tests that need them skip and say why.
 system-tools:
-	@missing=""; for t in prometheus promtool wrk; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	@missing=""; for t in prometheus promtool wrk h2load; do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "installing Debian packages for:$$missing"; \
 			apt-get update -qq >/dev/null && \
-			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null \
-			|| echo "could not install prometheus/wrk: their tests will skip"; \
-		else echo "prometheus/wrk missing and not installable here (needs root and apt-get): their tests will skip"; fi; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk nghttp2-client >/dev/null \
+			|| echo "could not install prometheus/wrk/h2load: their tests will skip"; \
+		else echo "prometheus/wrk/h2load missing and not installable here (needs root and apt-get): their tests will skip"; fi; \
 	fi
 
 test: setup system-tools

@@ -81,7 +81,7 @@ def markdown(run: Result) -> str:
     lines = [f"# vaeserve benchmark, {run['started']}", "",
              f"{run['machine']}; {run['duration_s']:g} s per cell after {run['warmup_s']:g} s warm-up; "
              f"device {run.get('device', 'cpu')}, service runtime {run.get('runtime')}, VAE_THREADS=1; "
-             "load generator: wrk (the gRPC cells: bench/grpc_load.py, Python).", ""]
+             "load generators: wrk (HTTP/1.1), h2load (the gRPC cells).", ""]
     for variant, title in (("batching", "vaeserve"), ("no_batching", "vaeserve, batching off (VAE_MAX_BATCH_SIZE=1)")):
         for model, cells in run["service"].get(variant, {}).items():
             lines += [f"## {title}: {model}", "",

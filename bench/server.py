@@ -95,6 +95,14 @@ class Server:
                 batches += float(line.rsplit(" ", 1)[1])
         return rows, batches
 
+    def failed_requests(self, endpoint: str) -> float:
+        """Answers other than 200 so far on one endpoint (e.g. `grpc/encode`), from the service's
+        own counter; 499s (calls their client cancelled, as a load generator does when it stops) excluded."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).text
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("vae_requests_total{") and f'endpoint="{endpoint}"' in line
+                   and 'status="200"' not in line and 'status="499"' not in line)
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)

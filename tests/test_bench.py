@@ -86,7 +86,31 @@ def test_benchmark_row_looks_like_an_mnist_digit():
     assert 150 < sum(v > 0 for v in row) < 300
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (make test installs Debian's package)")
+NATIVE_LOAD = pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("h2load") is None,
+                                 reason="wrk or h2load not installed (make test installs Debian's packages)")
+
+
+def test_a_grpc_message_is_framed_as_grpc_frames_it():
+    from bench.grpc_load import framed
+
+    assert framed(b"abc") == b"\x00\x00\x00\x00\x03abc" and framed(b"") == b"\x00" * 5
+
+
+@NATIVE_LOAD
+def test_the_grpc_cell_counts_calls_the_server_refused_though_h2load_sees_http_200(shipped_server, tmp_path):
+    from bench.cli import measure_cells
+    from bench.workloads import Workload, digits_row, write_bodies
+
+    bodies = write_bodies(tmp_path, digits_row(), "no-such-model")
+    good = write_bodies(tmp_path / "good", digits_row(), "digits")
+    cell = Workload("encode 1 row gRPC", "grpc:{model}.encode", "grpc1", 2, 1, "encoder")
+    (refused,) = measure_cells(shipped_server, cell, bodies["grpc1"], model="no-such-model", seconds=[1])
+    (served,) = measure_cells(shipped_server, cell, good["grpc1"], model="digits", seconds=[1])
+    assert refused["result"].requests > 0 and refused["result"].errors == refused["result"].requests
+    assert served["result"].requests > 0 and served["result"].errors == 0 and served["rows"] > 0
+
+
+@NATIVE_LOAD
 def test_a_short_real_run_writes_its_report(tmp_path):
     from bench.cli import main
 
