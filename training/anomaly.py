@@ -11,6 +11,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,10 +224,26 @@ def _train_default(x_train: np.ndarray, root: Path, name: str, seed: int, extra:
 
 def _one_run(path: Path, seed: int, extra: list[str], score: ScoreName, samples: int | None,
              work: Path) -> dict[str, Any]:
-    """One (set, seed) of the protocol: the VAE and every baseline on the same split. Runs in a worker."""
+    """One (set, seed) of the protocol: the VAE and every baseline on the same split, on one intra-op thread
+    (whether in a worker or, with one job, in this process), so the figures do not depend on `jobs`."""
+    with _one_thread():
+        return _run_on_split(path, seed, extra, score, samples, work)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
     import torch
 
-    torch.set_num_threads(1)  # the workers share the cores; one intra-op thread each
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_on_split(path: Path, seed: int, extra: list[str], score: ScoreName, samples: int | None,
+                  work: Path) -> dict[str, Any]:
     x, y, _ = read_labelled(path, label_column=LABEL_COLUMN if path.suffix == ".parquet" else None)
     x_train, x_test, _, y_test = protocol_split(x, y, seed)
     t0 = time.time()
@@ -245,14 +262,14 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
               score: ScoreName | None = None, samples: int | None = None, sets: list[str] | None = None,
               jobs: int = 1, progress: bool = True) -> dict[str, Any]:
     """ADBench's protocol on every `*.npz` (X, y) and `*.parquet` (features and a `y` column) in data_dir (or
-    the `sets` named): per seed a set over
-    10,000 rows subsampled to 10,000, a 70/30 split stratified on y, the VAE trained on the training split as
-    it is (anomalies included, labels unused) with the defaults and its test rows scored as served; the
-    baselines on the same split, in the same run. `jobs` worker processes run (set, seed) pairs side by side.
-    `score` and `samples` are chosen as POST /anomaly-score chooses them: elbo by default, iwae when only
-    samples > 1 is given, each with its calibrated K unless `samples` says otherwise."""
+    the `sets` named): per seed a set over 10,000 rows subsampled to 10,000, a 70/30 split stratified on y,
+    the VAE trained on the training split as it is (anomalies included, labels unused) with the defaults and
+    its test rows scored as served; the baselines on the same split, in the same run. `jobs` worker processes
+    run (set, seed) pairs side by side (one job runs them in this process). `score` and `samples` are chosen
+    as POST /anomaly-score chooses them: elbo by default, iwae when only samples > 1 is given, each with its
+    calibrated K unless `samples` says otherwise."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from tqdm import tqdm
 
@@ -273,14 +290,19 @@ def benchmark(data_dir: Path, *, seeds: tuple[int, ...] = (1, 2, 3), extra: list
                                                                                     SUBSAMPLE_ROWS))
     started = time.time()
     runs: dict[str, list[dict[str, Any]]] = {f.stem: [] for f in files}
-    with tempfile.TemporaryDirectory(prefix="vae-bench-anomaly-") as tmp, \
-            ProcessPoolExecutor(max(1, jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_one_run, f, seed, extra or [], chosen, samples, Path(tmp)): f.stem
-                   for f, seed in tasks}
-        from concurrent.futures import as_completed
-
-        for future in tqdm(as_completed(futures), total=len(futures), desc="set x seed", disable=not progress or None):
-            runs[futures[future]].append(future.result())
+    bar = tqdm(total=len(tasks), desc="set x seed", disable=not progress or None)
+    with tempfile.TemporaryDirectory(prefix="vae-bench-anomaly-") as tmp, bar:
+        if jobs <= 1:  # in this process: a worker would only add its start-up (importing torch and the rest)
+            for f, seed in tasks:
+                runs[f.stem].append(_one_run(f, seed, extra or [], chosen, samples, Path(tmp)))
+                bar.update()
+        else:
+            with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(_one_run, f, seed, extra or [], chosen, samples, Path(tmp)): f.stem
+                           for f, seed in tasks}
+                for future in as_completed(futures):
+                    runs[futures[future]].append(future.result())
+                    bar.update()
     summaries = {stem: _summary(sorted(runs[stem], key=lambda r: r["seed"]), shapes[stem]) for stem in runs}
     return {"data": str(data_dir), "seeds": list(seeds), "extra_args": extra or [], "score": chosen, "samples": samples,
             "baselines": list(BASELINES), "sets": summaries, **_overall(summaries),

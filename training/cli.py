@@ -98,7 +98,8 @@ def benchmark_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="1,2,3", help="comma-separated split and training seeds")
     p.add_argument("--sets", help="comma-separated file names without .npz, e.g. 6_cardio,38_thyroid [default: all]")
     p.add_argument("--jobs", type=_positive(int), default=max(1, min(os.cpu_count() or 1, 8)),
-                   help="worker processes running (set, seed) pairs side by side (this machine's CPU count, at most 8)")
+                   help="worker processes running (set, seed) pairs side by side; 1 runs them in this process "
+                   "[default: this machine's CPU count, at most 8]")
     p.add_argument("--out", type=Path, default=Path("bench/results"), help="where the JSON and markdown go")
     p.add_argument("--train-args", default="", help="extra vae-train flags for an ablation, e.g. '--epochs 10'")
     p.add_argument("--score", choices=("elbo", "iwae"),
