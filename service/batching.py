@@ -75,10 +75,28 @@ PASS_OBSERVER: ContextVar[PassObserver | None] = ContextVar("vae_pass_observer",
 _BATCH_NUMBERS = itertools.count()
 
 
+class Outputs(list[np.ndarray]):
+    """fn's outputs for one call's rows, and whether the whole pass, its inputs and outputs, held only
+    finite values. Checked once per pass, so a caller that must refuse inf and NaN looks at its own rows
+    only when the pass did not."""
+
+    __slots__ = ("finite",)
+
+    def __init__(self, outputs: list[np.ndarray], finite: bool):
+        super().__init__(outputs)
+        self.finite = finite
+
+
+def _all_finite(arrays: Sequence[np.ndarray]) -> bool:
+    # One reduction per array: a NaN or inf anywhere makes its sum non-finite (as can finite values
+    # summed past float32, which only sends the callers to look at their own rows).
+    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
+
+
 @dataclass(slots=True)
 class _Item:
     rows: np.ndarray  # [n, D]
-    future: asyncio.Future[list[np.ndarray]]
+    future: asyncio.Future[Outputs]
     observer: PassObserver | None = None
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -107,7 +125,7 @@ class Batcher:
     def queued_rows(self) -> int:
         return self._queued_rows
 
-    async def __call__(self, rows: np.ndarray) -> list[np.ndarray]:
+    async def __call__(self, rows: np.ndarray) -> Outputs:
         """Run fn on these rows as part of some batch; returns fn's outputs for these rows only.
 
         Raises QueueFull at once when the queue is at its bound, BatchFailed if the batch raised.
@@ -181,8 +199,9 @@ class Batcher:
         done = executor.submit(self._run, parts)
         done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._finish, loop, items, outcome))
 
-    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float, float]:
-        """In the executor thread: stack, run, check the batch kept its rows; (outputs, stack s, run s)."""
+    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float, float, bool]:
+        """In the executor thread: stack, run, check the batch kept its rows; (outputs, stack s, run s,
+        whether inputs and outputs were all finite)."""
         start = time.perf_counter()
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         stacked = time.perf_counter()
@@ -191,12 +210,12 @@ class Batcher:
         for out in outputs:
             if len(out) != len(x):
                 raise BatchFailed(f"{self.name}: {len(x)} rows in, {len(out)} rows out")
-        return outputs, stacked - start, seconds
+        return outputs, stacked - start, seconds, _all_finite((x, *outputs))
 
     def _finish(self, loop: asyncio.AbstractEventLoop, items: list[_Item],
-                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float, float]]) -> None:
+                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float, float, bool]]) -> None:
         try:
-            outputs, stack_s, seconds = done.result()
+            outputs, stack_s, seconds, finite = done.result()
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch must hear of it
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(f"{self.name}: {type(exc).__name__}: {exc}")
             for item in items:
@@ -213,7 +232,7 @@ class Batcher:
             for item in items:
                 stop = start + len(item.rows)
                 if not item.future.done():
-                    item.future.set_result([out[start:stop] for out in outputs])
+                    item.future.set_result(Outputs([out[start:stop] for out in outputs], finite))
                 start = stop
             observers = [item.observer for item in items if item.observer is not None]
             if observers:

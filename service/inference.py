@@ -63,13 +63,17 @@ async def _encode(model: LoadedModel, x: np.ndarray, sample: bool, seed: int | N
                   field: str = "inputs") -> tuple[np.ndarray, np.ndarray, np.ndarray, int | None, np.ndarray | None]:
     """(mean, logvar, z, seed used, labels inferred): a semi-supervised model given no labels encodes each
     row with q(y|x)'s most likely class, and says which."""
-    xm = _within_float32(model.to_model_space(x), field, "the model's scaling of it")
+    xm = model.to_model_space(x)
     inferred = None
     if labels is None and model.semi_supervised:
+        _within_float32(xm, field, "the model's scaling of it")
         labels = inferred = (await _probabilities(model, xm, field)).argmax(axis=1)
-    mean, logvar, *_ = await model.encoder(with_label(xm, labels, model.num_classes))
-    for out in (mean, logvar):
-        _within_float32(out, field, "the encoder's output for it")
+    outputs = await model.encoder(with_label(xm, labels, model.num_classes))
+    mean, logvar = outputs[0], outputs[1]
+    if not outputs.finite:  # the pass saw an inf or NaN: whose rows? (ours are checked before our outputs)
+        _within_float32(xm, field, "the model's scaling of it")
+        for out in (mean, logvar):
+            _within_float32(out, field, "the encoder's output for it")
     if not sample:
         return mean, logvar, mean, None, inferred
     used = _seed(seed)

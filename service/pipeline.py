@@ -24,7 +24,7 @@ from service.deps import AppState
 from service.errors import InvalidInput, Timeout, status_of, validation_message
 from service.operations import Operation, Payload
 from service.pools import run_in
-from service.schemas import ARRAY_FIELDS, DecodeParams, PictureFields
+from service.schemas import ARRAY_FIELDS, DecodeParams, InterpolateParams, PictureFields
 from service.statistics import RequestTiming
 
 P = TypeVar("P", bound=BaseModel)
@@ -81,7 +81,7 @@ async def parse(request: Request, state: AppState, params_type: type[P]) -> Call
         params = validate_params(params_type, data, strict=True)
         maybe_bools = codec.may_hold_booleans(body)
     model = repository.get(params.model, params.version)  # type: ignore[attr-defined]
-    takes_latents = params_type is DecodeParams or getattr(params, "latent", False)
+    takes_latents = params_type is DecodeParams or isinstance(params, InterpolateParams) and params.latent
     if columns is not None and npy is not None and not takes_latents:  # named columns are the model's features
         npy = codec.order_columns(npy, columns, model.manifest.feature_names)
     if answer == codec.PNG:

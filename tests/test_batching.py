@@ -91,6 +91,27 @@ async def test_calls_arriving_during_a_batch_form_the_next_one_and_get_their_own
     assert b.queued_rows == 0
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+async def test_each_call_hears_whether_its_pass_was_all_finite():
+    """Callers that refuse inf and NaN check their own rows only when their pass, inputs or outputs, held one."""
+    fn = Gated()
+    fn.gate.clear()
+    b = make(fn)
+    first = asyncio.create_task(b(rows(0, 1)))
+    await wait_entered(fn)
+    bad = rows(10, 2)
+    bad[1, 0] = np.nan
+    shared = [asyncio.create_task(b(r)) for r in (rows(20, 1), bad)]
+    await asyncio.sleep(0)
+    fn.gate.set()
+    clean, *mixed = await asyncio.gather(first, *shared)
+    assert [len(x) for x in fn.batches] == [1, 3]
+    assert clean.finite and [out.finite for out in mixed] == [False, False]
+    np.testing.assert_array_equal(mixed[0][0], 2 * rows(20, 1))  # its own rows are still its own
+    overflowing = await b(np.full((1, 2), 3e38, np.float32))  # finite in, inf out (2x)
+    assert not overflowing.finite and not np.isfinite(overflowing[0]).all()
+
+
 async def test_batch_size_counts_rows_and_a_large_call_goes_alone():
     fn = Gated()
     fn.gate.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import shutil
@@ -162,5 +163,11 @@ async def test_rows_that_overflow_the_model_get_a_422_naming_them_not_null(tmp_p
             assert "/anomaly-score scores such rows" in error["message"]
         ok = await client.post("/reconstruct", json={"inputs": [near]})
         assert ok.status_code == 200 and np.isfinite(ok.json()["outputs"]).all()
+        # Callers sharing a pass with such a row are answered as if it were not there.
+        alone = (await client.post("/encode", json={"inputs": [near]})).json()["mean"]
+        bad, *good = await asyncio.gather(client.post("/encode", json={"inputs": [edge]}),
+                                          *(client.post("/encode", json={"inputs": [near]}) for _ in range(8)))
+        assert bad.status_code == 422 and bad.json()["error"]["field"] == "inputs[0]"
+        assert all(g.status_code == 200 and g.json()["mean"] == alone for g in good)
         flagged = (await client.post("/anomaly-score", json={"inputs": [far]})).json()
         assert flagged["is_anomaly"] == [True]
