@@ -75,22 +75,43 @@ PASS_OBSERVER: ContextVar[PassObserver | None] = ContextVar("vae_pass_observer",
 _BATCH_NUMBERS = itertools.count()
 
 
+def all_finite(arrays: Sequence[np.ndarray]) -> bool:
+    """Whether every value is finite, in one reduction per array: a NaN or inf anywhere makes its sum
+    non-finite (so can finite values summed past float32: a false alarm, never a miss). The ufunc itself,
+    not ndarray.sum, whose overflow warning would come from numpy's module, past service/__init__.py's filter."""
+    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
+
+
+class _PassValues:
+    """One pass's stacked inputs and outputs, summed once, when the first of its callers asks."""
+
+    __slots__ = ("_arrays", "_finite")
+
+    def __init__(self, arrays: tuple[np.ndarray, ...]):
+        self._arrays: tuple[np.ndarray, ...] = arrays
+        self._finite: bool | None = None
+
+    @property
+    def finite(self) -> bool:
+        if self._finite is None:
+            self._finite, self._arrays = all_finite(self._arrays), ()
+        return self._finite
+
+
 class Outputs(list[np.ndarray]):
     """fn's outputs for one call's rows, and whether the whole pass, its inputs and outputs, held only
-    finite values. Checked once per pass, so a caller that must refuse inf and NaN looks at its own rows
-    only when the pass did not."""
+    finite values. Worked out once per pass and only if asked, so a caller that must refuse inf and NaN
+    looks at its own rows only when the pass did not, and a caller that does not ask pays nothing."""
 
-    __slots__ = ("finite",)
+    __slots__ = ("_pass",)
 
-    def __init__(self, outputs: list[np.ndarray], finite: bool):
+    def __init__(self, outputs: list[np.ndarray], values: _PassValues):
         super().__init__(outputs)
-        self.finite = finite
+        self._pass = values
 
-
-def _all_finite(arrays: Sequence[np.ndarray]) -> bool:
-    # One reduction per array: a NaN or inf anywhere makes its sum non-finite (as can finite values
-    # summed past float32, which only sends the callers to look at their own rows).
-    return all(np.isfinite(np.add.reduce(a, axis=None)) for a in arrays)
+    @property
+    def finite(self) -> bool:
+        return self._pass.finite
 
 
 @dataclass(slots=True)
@@ -199,9 +220,8 @@ class Batcher:
         done = executor.submit(self._run, parts)
         done.add_done_callback(lambda outcome: loop.call_soon_threadsafe(self._finish, loop, items, outcome))
 
-    def _run(self, parts: list[np.ndarray]) -> tuple[Sequence[np.ndarray], float, float, bool]:
-        """In the executor thread: stack, run, check the batch kept its rows; (outputs, stack s, run s,
-        whether inputs and outputs were all finite)."""
+    def _run(self, parts: list[np.ndarray]) -> tuple[np.ndarray, Sequence[np.ndarray], float, float]:
+        """In the executor thread: stack, run, check the batch kept its rows; (inputs, outputs, stack s, run s)."""
         start = time.perf_counter()
         x = parts[0] if len(parts) == 1 else np.concatenate(parts)
         stacked = time.perf_counter()
@@ -210,12 +230,12 @@ class Batcher:
         for out in outputs:
             if len(out) != len(x):
                 raise BatchFailed(f"{self.name}: {len(x)} rows in, {len(out)} rows out")
-        return outputs, stacked - start, seconds, _all_finite((x, *outputs))
+        return x, outputs, stacked - start, seconds
 
     def _finish(self, loop: asyncio.AbstractEventLoop, items: list[_Item],
-                done: concurrent.futures.Future[tuple[Sequence[np.ndarray], float, float, bool]]) -> None:
+                done: concurrent.futures.Future[tuple[np.ndarray, Sequence[np.ndarray], float, float]]) -> None:
         try:
-            outputs, stack_s, seconds, finite = done.result()
+            x, outputs, stack_s, seconds = done.result()
         except BaseException as exc:  # noqa: BLE001 - every caller of this batch must hear of it
             error = exc if isinstance(exc, BatchFailed) else BatchFailed(f"{self.name}: {type(exc).__name__}: {exc}")
             for item in items:
@@ -228,11 +248,12 @@ class Batcher:
                 self.metrics.inference.observe(seconds)
                 self.metrics.rows.inc(total)
             split_start = time.perf_counter()
+            values = _PassValues((x, *outputs))  # a pass over one batch keeps at most max_batch_size rows of x
             start = 0
             for item in items:
                 stop = start + len(item.rows)
                 if not item.future.done():
-                    item.future.set_result(Outputs([out[start:stop] for out in outputs], finite))
+                    item.future.set_result(Outputs([out[start:stop] for out in outputs], values))
                 start = stop
             observers = [item.observer for item in items if item.observer is not None]
             if observers:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service.batching import all_finite
 from service.errors import ClientGone, InvalidInput
 from service.manifest import Calibration, ScoreName, Typicality
 from service.pools import run_in
@@ -35,9 +36,7 @@ def _header(model: LoadedModel) -> Payload:
 def _within_float32(values: np.ndarray, field: str, step: str, per_row: bool = True) -> np.ndarray:
     """values [N, ...]; a 422 when any is inf or NaN, naming the first such row of `field` when
     `per_row` (values[i] comes from field[i]), else the field."""
-    # One reduction: a NaN or inf anywhere makes the sum non-finite. The ufunc itself, not ndarray.sum,
-    # whose warning on overflow would come from numpy's own module, past service/__init__.py's filter.
-    if np.isfinite(np.add.reduce(values, axis=None)):
+    if all_finite((values,)):
         return values
     ok = np.isfinite(values).reshape(len(values), -1).all(axis=1)  # (or finite values summed past float32)
     if not ok.all():
