@@ -7,7 +7,7 @@ from torch.distributions import Bernoulli, Independent, Normal, kl_divergence
 
 from service import scoring
 from training.config import TrainConfig
-from training.losses import bernoulli_log_likelihood, gaussian_kl, gaussian_log_likelihood
+from training.losses import bernoulli_log_likelihood, gaussian_kl, gaussian_log_likelihood, virtual_adversarial_kl
 
 
 def test_analytic_kl_matches_torch_and_monte_carlo():
@@ -72,3 +72,35 @@ def test_importance_weighted_estimate_is_exact_for_a_linear_gaussian_model():
 def test_kl_warmup_anneals_beta_from_zero(epoch, expected):
     assert TrainConfig(beta=0.5, warmup_epochs=4).beta_at(epoch) == pytest.approx(expected)
     assert TrainConfig(beta=0.5, warmup_epochs=0).beta_at(epoch) == 0.5
+
+
+def _kl_rows(classifier, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    p, q = torch.softmax(classifier(x), dim=1), torch.softmax(classifier(x + r), dim=1)
+    return (p * (p.log() - q.log())).sum(dim=1)
+
+
+def test_the_virtual_adversarial_perturbation_is_the_steepest_one():
+    """Logits that read x only through x . w change fastest along w, so one power iteration must land on
+    +-w: each row's term is the KL at x +- radius * w / |w|, above any random direction of that length."""
+    torch.manual_seed(3)
+    w = torch.randn(6)
+    classifier = lambda x: (x @ w).unsqueeze(1) * torch.tensor([[1.0, -1.0, 0.5]])  # noqa: E731
+    x, radius = torch.randn(32, 6), 0.3
+    along = radius * w / w.norm()
+    got = virtual_adversarial_kl(classifier, x, radius, torch.Generator().manual_seed(0))
+    plus, minus = _kl_rows(classifier, x, along), _kl_rows(classifier, x, -along)
+    assert got.shape == (32,)
+    assert torch.all(torch.minimum((got - plus).abs(), (got - minus).abs()) < 1e-5 * (1 + got))
+    random = torch.randn(32, 6)
+    assert torch.all(got >= _kl_rows(classifier, x, radius * random / random.norm(dim=1, keepdim=True)) - 1e-7)
+
+
+def test_the_virtual_adversarial_term_is_zero_for_a_classifier_that_ignores_its_input():
+    bias = torch.tensor([[0.2, -1.0, 3.0]])
+    got = virtual_adversarial_kl(lambda x: bias.expand(len(x), 3) + 0 * x[:, :1], torch.randn(5, 4), 1.0)
+    torch.testing.assert_close(got, torch.zeros(5))
+
+
+def test_the_virtual_adversarial_radius_follows_the_input_width():
+    cfg = TrainConfig()
+    assert cfg.vat_radius(64) == pytest.approx(0.5) and cfg.vat_radius(784) == pytest.approx(1.75)

@@ -63,12 +63,14 @@ def test_the_manifest_says_semi_supervised_and_lists_the_classes(semi_repo: Path
     history = m.training["history"]
     assert all(h["labelled_loss"] > 0 and h["unlabelled_loss"] > 0 and 0 <= h["val_accuracy"] <= 1 for h in history)
     assert m.training["data"]["labelled_per_class"] == 5
+    assert m.training["config"]["vat_weight"] == 1.0 and m.training["config"]["vat_rms"] == 0.0625
     assert 0.0 < m.metrics["val_accuracy"] <= 1.0
 
 
 async def test_classify_beats_a_classifier_of_the_labelled_rows_alone(semi_repo: Path, digits) -> None:
     """Over every digits row, /classify against the true digit, and against logistic regression fitted on
-    the same 50 labelled rows (about 87 %): the unlabelled rows must be what makes the difference."""
+    the same 50 labelled rows (about 87 %): the unlabelled rows must be what makes the difference. The
+    issue's bar is 93 %; this model scores 93.5-94.1 % over six initialisation seeds (docs/semi-supervised.md)."""
     x, y = digits
     async with serving(semi_repo, max_rows=2048, default_model="semi") as (_, client):
         r = await client.post("/classify", json={"model": "semi", "inputs": x.tolist()})
@@ -80,7 +82,7 @@ async def test_classify_beats_a_classifier_of_the_labelled_rows_alone(semi_repo:
     assert known.sum() == 50
     baseline = LogisticRegression(max_iter=2000).fit(data.x_train[known] / 16, data.label_index_train[known])
     baseline_accuracy = float(np.mean(baseline.predict(x / 16) == y))
-    assert accuracy >= 0.90 and accuracy >= baseline_accuracy + 0.03, (accuracy, baseline_accuracy)
+    assert accuracy >= 0.93 and accuracy >= baseline_accuracy + 0.03, (accuracy, baseline_accuracy)
     probabilities = np.array(body["probabilities"])
     assert probabilities.shape == (len(x), 10)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
@@ -224,6 +226,8 @@ def test_unlabelled_cells_and_hidden_labels(tmp_path: Path) -> None:
     assert (data.label_index_train >= 0).sum() + (data.label_index_val >= 0).sum() == 20
     with pytest.raises(DataError, match="add --semi-supervised"):
         train(["--dataset", "digits", "--labelled-per-class", "5", "--output", str(tmp_path)])
+    with pytest.raises(DataError, match="--vat-weight smooths a semi-supervised model's classifier"):
+        train(["--dataset", "digits", "--vat-weight", "1", "--output", str(tmp_path)])
     with pytest.raises(DataError, match="--trim and --refit"):
         train(["--dataset", "digits", "--semi-supervised", "--trim", "0.1", "--output", str(tmp_path)])
 

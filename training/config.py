@@ -90,6 +90,16 @@ class TrainConfig:
     # Semi-supervised: the weight of the labelled rows' mean cross-entropy -log q(y|x) beside the
     # per-row negative ELBO (README: Semi-supervised models, how it was chosen).
     classify_weight: float = 5.0
+    # Semi-supervised: the weight of virtual adversarial training's smoothness term for q(y|x) over the
+    # step's unlabelled rows (0: plain M2), and its perturbation's size as a root-mean-square per feature,
+    # so one figure fits every input width (README: Semi-supervised models, how it was chosen).
+    vat_weight: float = 0.0
+    vat_rms: float = 0.0625
+
+    def vat_radius(self, n_features: int) -> float:
+        """The L2 norm of the perturbation over a row of `n_features`: 0.5 on the 8x8 digits, 1.75 on MNIST
+        (Miyato et al. 2018 used 2.0 there)."""
+        return self.vat_rms * math.sqrt(n_features)
 
     def first_fit(self) -> TrainConfig:
         """The config of a refit's first fit: short, since a network fits the bulk of the data before its

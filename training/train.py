@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from training.config import ModelConfig, TrainConfig
 from training.data import Dataset
+from training.losses import virtual_adversarial_kl
 from training.model import ELBO, VAE
 
 
@@ -217,7 +218,9 @@ def _semi_supervised_loss(model: VAE, x_train: torch.Tensor, y_train: torch.Tens
     `classify_weight` times the labelled rows' mean -log q(y|x) (the term that trains the classifier on
     the labels; Hughes et al. 2018 show it needs a weight well above Kingma's 0.1 to classify well).
     `xb` is the step's rows (unlabelled, or labelled when every row is); the labelled batch
-    cycles through the labelled rows, `cfg.batch_size` at a time."""
+    cycles through the labelled rows, `cfg.batch_size` at a time. With `vat_weight`, q(y|x) is also kept
+    from changing its answer within a small radius of the step's rows (virtual adversarial training): the
+    unlabelled rows then teach the classifier directly, not only through the bound."""
     n_train, n_labelled = len(x_train), len(labelled_rows)
     size = min(cfg.batch_size, n_labelled)
     start = (step * size) % n_labelled
@@ -230,6 +233,9 @@ def _semi_supervised_loss(model: VAE, x_train: torch.Tensor, y_train: torch.Tens
     n_unlabelled = n_train - n_labelled
     unlabelled = model.unlabelled_loss(xb, beta, gen).loss.mean() if n_unlabelled else torch.zeros(())
     loss = (n_labelled * labelled + n_unlabelled * unlabelled) / n_train + cfg.classify_weight * cross_entropy
+    if cfg.vat_weight:
+        smoothness = virtual_adversarial_kl(model.classifier, xb, cfg.vat_radius(model.cfg.input_dim), gen).mean()
+        loss = loss + cfg.vat_weight * smoothness
     return loss, {"labelled": labelled.item(), "unlabelled": unlabelled.item()}
 
 
