@@ -37,7 +37,7 @@ def virtual_adversarial_kl(classifier: Callable[[torch.Tensor], torch.Tensor], x
         p = torch.softmax(classifier(x), dim=1)
 
     def unit(v: torch.Tensor) -> torch.Tensor:
-        return v / (v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1))) + 1e-12)
+        return v / (v.norm(dim=1, keepdim=True) + 1e-12)
 
     def kl(r: torch.Tensor) -> torch.Tensor:
         return F.kl_div(torch.log_softmax(classifier(x + r), dim=1), p, reduction="none").sum(dim=1)

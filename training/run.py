@@ -87,20 +87,12 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
-def _positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+def _positive(kind: Callable[[str], float], zero: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a number above 0 (or, with `zero`, at least 0)."""
     def parse(text: str) -> Any:
         value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _non_negative(kind: Callable[[str], float]) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        if value < 0 or (value == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>=' if zero else '>'} 0, got {text}")
         return value
     return parse
 
@@ -192,7 +184,7 @@ def train_parser() -> argparse.ArgumentParser:
     t.add_argument("--classify-weight", type=_positive(float), default=TrainConfig.classify_weight,
                    help="semi-supervised: weight of the labelled rows' mean cross-entropy beside the per-row "
                         "negative ELBO")
-    t.add_argument("--vat-weight", type=_non_negative(float), default=None,
+    t.add_argument("--vat-weight", type=_positive(float, zero=True), default=None,
                    help="semi-supervised: weight of virtual adversarial training's smoothness term for the "
                         "classifier (0: plain M2) [default: 1 for images, 0 for csv/npy and --stack-on]")
     t.add_argument("--vat-rms", type=_positive(float), default=TrainConfig.vat_rms,
